@@ -1,0 +1,110 @@
+"""Helpers shared by the benchmark scripts: machine description, timing, worker subprocesses, tables.
+
+Every benchmark runs its contenders side by side in one invocation (interleaved rounds), because the
+machine is shared: only ratios measured in the same run are comparable.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_model() -> str:
+  with open('/proc/cpuinfo') as f:
+    for line in f:
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  return platform.processor() or 'unknown'
+
+
+def ram_gib() -> float:
+  with open('/proc/meminfo') as f:
+    for line in f:
+      if line.startswith('MemTotal:'):
+        return int(line.split()[1]) / 2**20
+  return float('nan')
+
+
+def cpu_flags() -> set[str]:
+  with open('/proc/cpuinfo') as f:
+    for line in f:
+      if line.startswith('flags'):
+        return set(line.split(':', 1)[1].split())
+  return set()
+
+
+def machine_lines() -> list[str]:
+  """Markdown bullet lines describing the machine and the software versions."""
+  versions = []
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch', 'spikingjelly'):
+    try:
+      module = __import__(name)
+      versions.append(f'{name} {getattr(module, "__version__", "?")}')
+    except ImportError:
+      pass
+  simd = sorted(f for f in cpu_flags() if f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'))
+  return [
+      f'- date: {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}',
+      f'- machine: `nproc` = {os.cpu_count()}, CPU "{cpu_model()}" ({", ".join(simd)}), '
+      f'RAM {ram_gib():.1f} GiB, shared with other jobs (ratios from one run are what count)',
+      f'- python {platform.python_version()}; {"; ".join(versions)}',
+  ]
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+  """Median wall time of `fn()` (which must block until its result is ready) and all samples."""
+  for _ in range(warmup):
+    fn()
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    samples.append(time.perf_counter() - start)
+  return statistics.median(samples), samples
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident set size of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
+  """Runs `python -m module args...` in a fresh process; it must print one JSON line last."""
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, env=env,
+                        timeout=timeout, cwd=REPO_ROOT)
+  if proc.returncode != 0:
+    raise RuntimeError(f'Worker `{module} {" ".join(args)}` failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}')
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if not lines:
+    raise RuntimeError(f'Worker `{module} {" ".join(args)}` printed no JSON result:\n{proc.stdout[-2000:]}')
+  return json.loads(lines[-1])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+  out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  out += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return out
+
+
+def command_line(module: str) -> str:
+  """The command that reproduces this run (the interpreter path tells which venv was used)."""
+  return ' '.join([sys.executable, '-m', module] + sys.argv[1:])
+
+
+def write_report(path: str, lines: Sequence[str]):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  print(f'\nWrote {path}')

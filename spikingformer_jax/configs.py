@@ -1,0 +1,134 @@
+"""The training-config schema: defaults shared by every experiment, and validation.
+
+Experiments (`experiments/<benchmark>.py`) start from `base_config()` and change values; the
+trainer calls `validate(config)` first, so a misspelt key or an impossible value fails before any
+compilation, with the offending field named.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from spikingformer_jax import models
+
+TASKS = ('classification', 'regression', 'mlm')
+DTYPES = ('float32', 'bfloat16')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.task = 'classification'  # 'classification' | 'regression' (STS-B) | 'mlm'
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'spikingformer-tiny'
+  c.model.num_classes = 10
+  c.model.T = 4
+  c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+  c.model.remat = False
+  c.model.overrides = ml_collections.ConfigDict()  # any other model field, e.g. {'num_heads': 8}
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'digits'  # a dataset from spikingformer_jax.data's registry
+  c.data.data_dir = ''  # tfds data_dir / raw or prepared files; '' = the source's default
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.num_workers = 0  # grain worker processes
+  c.data.prefetch = 2
+  c.data.augment = ml_collections.ConfigDict()  # source-specific, see data/augment.py
+  c.data.augment.enabled = True
+  c.data.max_train_examples = -1  # >0 truncates (quick runs); -1 = all
+  c.data.max_eval_examples = -1
+
+  c.batch_size = 64  # global, over all hosts and devices
+  c.eval_batch_size = 256
+  c.num_epochs = 10
+  c.total_steps = -1  # >0 overrides num_epochs (quick runs)
+  c.grad_accum_steps = 1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'
+  c.optim.lr = 5e-4
+  c.optim.min_lr = 1e-5
+  c.optim.warmup_lr = 1e-6
+  c.optim.warmup_epochs = 0
+  c.optim.cooldown_epochs = 0
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 0.0  # global-norm clip; 0 disables
+  c.optim.per_epoch_schedule = True  # timm steps the schedule once per epoch
+
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.0
+  c.mixup.cutmix_alpha = 0.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.off_epoch = -1  # epoch from which mixup/cutmix stop; -1 = never
+  c.label_smoothing = 0.1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by other axes
+  c.mesh.fsdp = 1
+  c.distributed = False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_best = True
+  c.checkpoint.async_save = True
+
+  c.init_from = ''  # checkpoint to fine-tune from (backbone restored, head re-initialised)
+  c.freeze = ''  # regex over parameter paths kept frozen when fine-tuning, e.g. '^tokenizer/'
+
+  c.eval_every_epochs = 1
+  c.log_every_steps = 50
+  c.metric = 'top1'  # the metric that selects the best checkpoint
+  c.progress_bar = True
+  return c
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _check_keys(config, reference, prefix=''):
+  for key in config.keys():
+    if key not in reference:
+      raise ConfigError(f'Unknown config key {prefix}{key!r}; known keys at this level: {sorted(reference.keys())}.')
+    ref_value = reference[key]
+    if isinstance(ref_value, ml_collections.ConfigDict) and key not in ('overrides', 'augment'):
+      _check_keys(config[key], ref_value, f'{prefix}{key}.')
+
+
+def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None):
+  """Rejects unknown keys and impossible values with a message naming the field."""
+  _check_keys(config, reference or base_config())
+
+  def need(cond, field, expected):
+    if not cond:
+      raise ConfigError(f'config.{field} = {eval("config." + field)!r}: expected {expected}.')
+
+  need(config.task in TASKS, 'task', f'one of {TASKS}')
+  need(config.model.name in models.MODELS or config.model.name.startswith('spikingformer-text'),
+       'model.name', 'a registered model name')
+  need(config.model.dtype in DTYPES, 'model.dtype', f'one of {DTYPES}')
+  need(config.model.T >= 1, 'model.T', 'a positive number of time steps')
+  need(config.model.num_classes >= 1, 'model.num_classes', 'at least 1')
+  need(config.batch_size >= 1, 'batch_size', 'a positive global batch size')
+  need(config.grad_accum_steps >= 1, 'grad_accum_steps', '>= 1')
+  need(config.batch_size % config.grad_accum_steps == 0, 'batch_size', 'divisible by grad_accum_steps')
+  need(config.num_epochs >= 1 or config.total_steps > 0, 'num_epochs', '>= 1 (or total_steps > 0)')
+  need(config.optim.lr > 0, 'optim.lr', 'a positive learning rate')
+  need(0 <= config.optim.min_lr <= config.optim.lr, 'optim.min_lr', 'in [0, optim.lr]')
+  need(config.optim.warmup_epochs >= 0, 'optim.warmup_epochs', '>= 0')
+  need(config.optim.weight_decay >= 0, 'optim.weight_decay', '>= 0')
+  need(0 <= config.label_smoothing < 1, 'label_smoothing', 'in [0, 1)')
+  need(0 <= config.mixup.prob <= 1, 'mixup.prob', 'in [0, 1]')
+  need(config.mixup.mixup_alpha >= 0 and config.mixup.cutmix_alpha >= 0, 'mixup.mixup_alpha',
+       'non-negative mixup/cutmix alphas')
+  need(config.mesh.fsdp >= 1, 'mesh.fsdp', '>= 1')
+  need(config.mesh.data == -1 or config.mesh.data >= 1, 'mesh.data', '-1 or >= 1')
+  need(config.checkpoint.every_steps >= 1, 'checkpoint.every_steps', '>= 1')
+  need(config.checkpoint.keep >= 1, 'checkpoint.keep', '>= 1')
+  return config

@@ -1,0 +1,354 @@
+"""Firing rates, synaptic operations (SOPs) and energy, with the Spikingformer paper's method.
+
+For every conv / dense / attention product of the traced forward pass (see flops.py):
+
+- spike-driven product (an input-derived operand had only 0/1 values on every measured batch):
+  SOPs = firing rate x FLOPs, energy = E_AC x SOPs. With two binary operands (K^T V, Q K^T) the
+  rate is the smaller of the two, as the reference's SSA term min(fr_k, fr_v).
+- any other product (the stem conv on the analog image, the head on the float stream, Spikformer's
+  convs on its integer-valued residual): energy = E_MAC x FLOPs.
+
+FLOPs are multiply-accumulates per example over all T time steps (the reference counts convs on
+the [T*B] batch), so "firing rate x T x FLOPs per step" of the paper is `rate x flops` here. The
+rate is the mean operand value over all its elements (time steps included) and all examples.
+Constants: E_MAC = 4.6 pJ, E_AC = 0.9 pJ (45 nm, 32-bit float), as in the reference code.
+
+CLI:
+  python -m spikingformer_jax.energy --config=experiments/digits.py --checkpoint=DIR --batches=10 --out=DIR
+writes energy.json (per-layer table, per-block and total numbers, LIF firing rates) and energy.png.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import pathlib
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spikingformer_jax import flops, layers
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerEnergy:
+  """One product, per example. `spike_rate` is None for a MAC (non-spike) product."""
+  location: str
+  primitive: str
+  flops: float  # multiply-accumulates of the dense computation
+  spike_rate: Optional[float]
+  operand_means: tuple[Optional[float], ...]  # measured mean of each input-derived operand
+  sops: float  # accumulate operations (spike-driven products only)
+  macs: float  # multiply-accumulates (non-spike products only)
+  energy_pj: float
+
+  @property
+  def block(self) -> str:
+    """The top-level module ('tokenizer', 'block_3', 'head')."""
+    return self.location.split('/')[0]
+
+
+def layer_energy(product: flops.Product, spike_rate: Optional[float], batch_size: int = 1,
+                 operand_means: Sequence[Optional[float]] = (), e_mac_pj: float = E_MAC_PJ,
+                 e_ac_pj: float = E_AC_PJ) -> LayerEnergy:
+  """Energy of one product traced at `batch_size`, per example."""
+  if spike_rate is not None and not 0.0 <= spike_rate <= 1.0:
+    raise ValueError(f'{product.location}: firing rate {spike_rate} is not in [0, 1].')
+  per_example = product.macs / batch_size
+  sops = 0.0 if spike_rate is None else spike_rate * per_example
+  macs = per_example if spike_rate is None else 0.0
+  return LayerEnergy(product.location, product.primitive, per_example, spike_rate, tuple(operand_means),
+                     sops, macs, e_mac_pj * macs + e_ac_pj * sops)
+
+
+def spike_rate(product: flops.Product, operand_means: Sequence[Optional[float]],
+               operand_binary: Sequence[Optional[bool]]) -> Optional[float]:
+  """The product's AC rate: the smallest mean among its binary input-derived operands, else None (MAC)."""
+  rates = [m for o, m, b in zip(product.operands, operand_means, operand_binary) if o.from_input and b]
+  return min(rates) if rates else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """Dataset averages from `measure`; `products` are traced at batch 1 (FLOPs per example)."""
+  products: tuple[flops.Product, ...]
+  operand_means: tuple[tuple[Optional[float], ...], ...]
+  operand_binary: tuple[tuple[Optional[bool], ...], ...]
+  lif_rates: dict[str, float]
+  num_examples: int
+
+
+def _lif_means(spikes) -> dict[str, jax.Array]:
+  """{'block_0/attn/q_lif': mean spike} from the sown 'spikes' collection."""
+  means = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(spikes)[0]:
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if keys and keys[-1] == 'out':  # the sow name of layers.LIF
+      keys = keys[:-1]
+    calls = [k.idx for k in path if isinstance(k, jax.tree_util.SequenceKey)]
+    name = '/'.join(keys) + ''.join(f'#{i}' for i in calls if i)
+    means[name] = jnp.mean(value.astype(jnp.float32))
+  return means
+
+
+def _batch_stats_fn(model):
+  root = type(model).__name__
+
+  @jax.jit
+  def batch_stats(variables, x):
+    (_, state), _, stats = flops.evaluate(flops.model_forward(model), variables, x, root=root)
+    return _lif_means(state.get(layers.SPIKES, {})), stats
+  return batch_stats
+
+
+def _batch_inputs(batch: Mapping[str, Any], index: int) -> np.ndarray:
+  if 'image' not in batch:
+    raise ValueError(f'Batch {index} has keys {sorted(batch)}; expected an "image" entry (and optionally "mask").')
+  images = np.asarray(batch['image'])
+  if 'mask' in batch:  # padded examples of the last batch do not count
+    mask = np.asarray(batch['mask']).astype(bool)
+    if mask.shape != images.shape[:1]:
+      raise ValueError(f'Batch {index}: mask shape {mask.shape} does not match the batch of images {images.shape}.')
+    images = images[mask]
+  return images
+
+
+def measure(model, variables, batches: Iterable[Mapping[str, Any]]) -> Measurement:
+  """Runs inference over `batches` (dicts with 'image' and optional 'mask') and averages every rate."""
+  batch_stats = _batch_stats_fn(model)
+  traced = products = lif_sums = mean_sums = binary = None
+  count = 0
+  for index, batch in enumerate(batches):
+    images = _batch_inputs(batch, index)
+    n = images.shape[0]
+    if n == 0:
+      continue
+    if products is None:
+      traced = flops.model_trace(model, variables, (1,) + images.shape[1:], images.dtype)
+      products = traced.products
+      lif_sums = collections.defaultdict(float)
+      mean_sums = [[0.0] * 2 for _ in products]
+      binary = [[True] * 2 for _ in products]
+    lif, stats = jax.device_get(batch_stats(variables, jnp.asarray(images)))
+    if len(stats) != len(products):
+      raise RuntimeError(f'Traced {len(stats)} products at batch {n} but {len(products)} at batch 1.')
+    for name, mean in lif.items():
+      lif_sums[name] += float(mean) * n
+    for p, product_stats in enumerate(stats):
+      for o, operand in enumerate(product_stats):
+        if operand is not None:
+          mean_sums[p][o] += float(operand.mean) * n
+          binary[p][o] &= bool(operand.all_binary)
+    count += n
+  if not count:
+    raise ValueError('No examples to measure: the batches were empty (or fully masked).')
+  means = tuple(tuple(s / count if o.from_input else None for s, o in zip(sums, p.operands))
+                for sums, p in zip(mean_sums, products))
+  flags = tuple(tuple(b if o.from_input else None for b, o in zip(bs, p.operands))
+                for bs, p in zip(binary, products))
+  lif_rates = {k: lif_sums[k] / count for k in sorted(lif_sums, key=traced.program_order)}
+  return Measurement(products, means, flags, lif_rates, count)
+
+
+def _operand_names(product: flops.Product) -> list[Optional[str]]:
+  from_input = [o.from_input for o in product.operands]
+  if sum(from_input) == 1:
+    return ['input' if f else None for f in from_input]
+  return [side if f else None for side, f in zip(('lhs', 'rhs'), from_input)]
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+  seen = collections.Counter()
+  out = []
+  for name in names:
+    seen[name] += 1
+    out.append(name if seen[name] == 1 else f'{name}#{seen[name] - 1}')
+  return out
+
+
+def rates_from_measurement(m: Measurement) -> dict[str, float]:
+  """LIF rates by module path, and binary product inputs as '<location>:input' (or ':lhs'/':rhs')."""
+  rates = dict(m.lif_rates)
+  for location, p, means, flags in zip(_unique([p.location for p in m.products]), m.products,
+                                       m.operand_means, m.operand_binary):
+    for name, mean, is_binary in zip(_operand_names(p), means, flags):
+      if name is not None and is_binary:
+        rates[f'{location}:{name}'] = mean
+  return rates
+
+
+def firing_rates(model, variables, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+  """Dataset-average firing rates of every LIF and of every spike (0/1) input of a conv/dense/matmul."""
+  return rates_from_measurement(measure(model, variables, batches))
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  layers: tuple[LayerEnergy, ...]
+  lif_rates: dict[str, float]
+  num_examples: int
+  e_mac_pj: float = E_MAC_PJ
+  e_ac_pj: float = E_AC_PJ
+
+  @property
+  def sops(self) -> float:
+    return sum(l.sops for l in self.layers)
+
+  @property
+  def macs(self) -> float:
+    return sum(l.macs for l in self.layers)
+
+  @property
+  def energy_mj(self) -> float:
+    return sum(l.energy_pj for l in self.layers) * 1e-9
+
+  def per_block(self) -> dict[str, dict[str, float]]:
+    blocks = {}
+    for l in self.layers:
+      b = blocks.setdefault(l.block, dict(flops=0.0, sops=0.0, macs=0.0, mac_energy_mj=0.0, ac_energy_mj=0.0))
+      b['flops'] += l.flops
+      b['sops'] += l.sops
+      b['macs'] += l.macs
+      b['mac_energy_mj'] += self.e_mac_pj * l.macs * 1e-9
+      b['ac_energy_mj'] += self.e_ac_pj * l.sops * 1e-9
+    for b in blocks.values():
+      b['energy_mj'] = b['mac_energy_mj'] + b['ac_energy_mj']
+    return blocks
+
+  def to_dict(self) -> dict:
+    return dict(
+        num_examples=self.num_examples, e_mac_pj=self.e_mac_pj, e_ac_pj=self.e_ac_pj,
+        totals=dict(energy_mj=self.energy_mj, sops=self.sops, macs=self.macs,
+                    mac_energy_mj=self.e_mac_pj * self.macs * 1e-9, ac_energy_mj=self.e_ac_pj * self.sops * 1e-9,
+                    flops=sum(l.flops for l in self.layers)),
+        per_block=self.per_block(),
+        layers=[dict(dataclasses.asdict(l), spike_driven=l.spike_rate is not None, energy_mj=l.energy_pj * 1e-9)
+                for l in self.layers],
+        lif_firing_rates=dict(self.lif_rates))
+
+  def table(self) -> str:
+    lines = [f'{"layer":<44} {"kind":<5} {"FLOPs":>10} {"rate":>7} {"SOPs":>10} {"MACs":>10} {"energy mJ":>10}']
+    for l in self.layers:
+      rate = 'MAC' if l.spike_rate is None else f'{l.spike_rate:.4f}'
+      kind = 'conv' if l.primitive == 'conv_general_dilated' else 'dot'
+      lines.append(f'{l.location:<44} {kind:<5} {l.flops:>10.4g} {rate:>7} {l.sops:>10.4g} {l.macs:>10.4g} '
+                   f'{l.energy_pj * 1e-9:>10.4g}')
+    lines.append(f'total over {self.num_examples} examples (per example): {self.sops / 1e9:.4f} G SOPs, '
+                 f'{self.macs / 1e9:.4f} G MACs, {self.energy_mj:.4f} mJ')
+    lines.append('LIF firing rates:')
+    lines += [f'  {name:<42} {rate:.4f}' for name, rate in self.lif_rates.items()]
+    return '\n'.join(lines)
+
+
+def report_from_measurement(m: Measurement, e_mac_pj: float = E_MAC_PJ, e_ac_pj: float = E_AC_PJ) -> Report:
+  energies = []
+  for location, p, means, flags in zip(_unique([p.location for p in m.products]), m.products,
+                                       m.operand_means, m.operand_binary):
+    energy = layer_energy(p, spike_rate(p, means, flags), 1, means, e_mac_pj, e_ac_pj)
+    energies.append(dataclasses.replace(energy, location=location))
+  return Report(tuple(energies), dict(m.lif_rates), m.num_examples, e_mac_pj, e_ac_pj)
+
+
+def energy_report(model, variables, batches: Iterable[Mapping[str, Any]], e_mac_pj: float = E_MAC_PJ,
+                  e_ac_pj: float = E_AC_PJ) -> Report:
+  return report_from_measurement(measure(model, variables, batches), e_mac_pj, e_ac_pj)
+
+
+def plot(report: Report, path) -> None:
+  """PNG: LIF firing rates (top) and MAC/AC energy per block (bottom)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  names, rates = list(report.lif_rates), list(report.lif_rates.values())
+  blocks = report.per_block()
+  fig, (ax_rate, ax_energy) = plt.subplots(2, 1, figsize=(max(8, 0.3 * len(names)), 9))
+  ax_rate.bar(range(len(names)), rates, color='tab:blue')
+  ax_rate.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+  ax_rate.set_ylabel('firing rate')
+  ax_rate.set_title(f'LIF firing rates ({report.num_examples} examples)')
+  x = np.arange(len(blocks))
+  mac = [b['mac_energy_mj'] for b in blocks.values()]
+  ac = [b['ac_energy_mj'] for b in blocks.values()]
+  ax_energy.bar(x, mac, label=f'MAC ({report.e_mac_pj} pJ)', color='tab:red')
+  ax_energy.bar(x, ac, bottom=mac, label=f'AC ({report.e_ac_pj} pJ x rate)', color='tab:green')
+  ax_energy.set_xticks(x, list(blocks), rotation=45, fontsize=8)
+  ax_energy.set_ylabel('energy per example (mJ)')
+  ax_energy.set_title(f'Energy per block: total {report.energy_mj:.4g} mJ, {report.sops / 1e9:.4g} G SOPs')
+  ax_energy.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(report: Report, out_dir) -> tuple[pathlib.Path, pathlib.Path]:
+  """energy.json and energy.png in `out_dir`."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  json_path, png_path = out / 'energy.json', out / 'energy.png'
+  json_path.write_text(json.dumps(report.to_dict(), indent=2))
+  plot(report, png_path)
+  return json_path, png_path
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def model_from_config(config):
+  """The Flax model an experiment config describes (config.model.*)."""
+  from spikingformer_jax import models
+  overrides = dict(config.model.get('overrides', {}) or {})
+  return models.get_model(config.model.name, num_classes=config.model.num_classes, T=config.model.T,
+                          dtype=jnp.dtype(config.model.dtype), **overrides)
+
+
+def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '', batch_size: int = 0,
+        out_dir: str = '') -> Report:
+  """The CLI's work: measure `num_batches` (<= 0: all) of a split and optionally write JSON + PNG."""
+  from spikingformer_jax import data, models
+  model = model_from_config(config)
+  split = split or config.data.eval_split
+  loader = data.make_loader(config.data, split, batch_size=batch_size or config.eval_batch_size, train=False,
+                            seed=0)
+  batches = iter(loader)
+  if num_batches > 0:
+    batches = itertools.islice(batches, num_batches)
+  first = next(batches, None)
+  if first is None:
+    raise ValueError(f'Split {split!r} of dataset {config.data.name!r} gave no batches.')
+  if checkpoint_path:
+    from spikingformer_jax import checkpoint
+    variables = checkpoint.load_variables(checkpoint_path)
+  else:
+    example = jnp.asarray(_batch_inputs(first, 0)[:1])
+    variables = models.init_variables(model, jax.random.PRNGKey(config.seed), example)
+  report = energy_report(model, variables, itertools.chain([first], batches))
+  print(report.table())
+  if out_dir:
+    json_path, png_path = write(report, out_dir)
+    print(f'wrote {json_path} and {png_path}')
+  return report
+
+
+def _main():
+  # Flags are defined only when run as a program, so that importing this module defines none.
+  from absl import app, flags
+  from ml_collections import config_flags
+  config = config_flags.DEFINE_config_file('config', None, 'Experiment config file (e.g. experiments/digits.py).')
+  checkpoint = flags.DEFINE_string('checkpoint', '', 'Checkpoint to load; empty: freshly initialised variables.')
+  batches = flags.DEFINE_integer('batches', 10, 'Number of batches to average over; <= 0: the whole split.')
+  split = flags.DEFINE_string('split', '', 'Dataset split; empty: config.data.eval_split.')
+  batch_size = flags.DEFINE_integer('batch_size', 0, 'Batch size; 0: config.eval_batch_size.')
+  out = flags.DEFINE_string('out', '', 'Directory for energy.json and energy.png; empty: print only.')
+  flags.mark_flags_as_required(['config'])
+  app.run(lambda argv: run(config.value, checkpoint.value, batches.value, split.value, batch_size.value,
+                           out.value) and None)
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,0 +1,249 @@
+"""Flax building blocks of Spikingformer and its baselines, channels-last and time-major.
+
+Shapes: images `[T, B, H, W, C]`, token sequences `[T, B, N, D]`. Convolutions, dense layers and
+BatchNorm act on all time steps at once, so BatchNorm statistics are pooled over T, B and
+space/tokens exactly as the reference's `flatten(0, 1)` does. Every LIF output is sown into the
+'spikes' collection under the reference's module name, for parity tests and firing rates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spikingformer_jax import neurons
+
+Dtype = Any
+SPIKES = 'spikes'
+
+
+def torch_uniform_init(fan_in_axes: Sequence[int] = (-2,)):
+  """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform a=sqrt(5)).
+
+  The same bound is PyTorch's default bias init, where fan_in comes from the weight; `bias_init`
+  below takes it explicitly because Flax initialises biases without seeing the kernel.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = math.prod(shape[a] for a in fan_in_axes)
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def conv_kernel_init(key, shape, dtype=jnp.float32):
+  """HWIO kernel: fan_in = kh * kw * in."""
+  return torch_uniform_init(fan_in_axes=(0, 1, 2))(key, shape, dtype)
+
+
+def bias_init(fan_in: int):
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), float32 statistics and params."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class ChannelDense(nn.Module):
+  """A 1x1 convolution on channels-last data (the reference's Conv1d/Conv2d with kernel size 1)."""
+  features: int
+  use_bias: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in), name='dense')(x)
+
+
+class LIF(nn.Module):
+  """A multi-step LIF over the leading time axis; records its spikes in the 'spikes' collection."""
+  config: neurons.LIFConfig
+
+  @nn.compact
+  def __call__(self, x):
+    s = neurons.lif(x, self.config)
+    self.sow(SPIKES, 'out', s)
+    return s
+
+
+class ParametricLIF(nn.Module):
+  """Multi-step PLIF with one learnable time constant per layer (1/tau = sigmoid(w))."""
+  config: neurons.LIFConfig
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', lambda _: jnp.asarray(neurons.plif_init_w(self.config.tau), jnp.float32))
+    s = neurons.plif(x, w, self.config)
+    self.sow(SPIKES, 'out', s)
+    return s
+
+
+def _time_fold(fn, x):
+  """Applies `fn` to `[T*B, ...]` and restores `[T, B, ...]`."""
+  t, b = x.shape[:2]
+  y = fn(x.reshape((t * b,) + x.shape[2:]))
+  return y.reshape((t, b) + y.shape[1:])
+
+
+def max_pool(x):
+  """MaxPool2d(kernel 3, stride 2, padding 1) on `[T, B, H, W, C]` (padding never wins: -inf)."""
+  return _time_fold(lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
+
+
+class ConvBN(nn.Module):
+  """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]`."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                   param_dtype=jnp.float32, kernel_init=conv_kernel_init, name='conv')
+    x = _time_fold(conv, x)
+    return batch_norm(train, self.dtype, 'bn')(x)
+
+
+class SpikingTokenizer(nn.Module):
+  """The conv stem. Channel plan D/8, D/4, D/2, D, D; `pool` says which of stages 1..4 halve the size.
+
+  style='spikingformer': stage 0 Conv-BN; stage k>=1 LIF -> [MaxPool] -> Conv-BN (float output).
+  style='cml' (Spikingformer†): the max-pool moves after the BN of the previous stage.
+  style='spikformer' (SPS): stages 0..3 Conv-BN-LIF -> [MaxPool]; then RPE Conv-BN-LIF added to
+  the features, so the output is an integer-valued sum of spikes.
+  """
+  embed_dim: int
+  pool: tuple[bool, bool, bool, bool]
+  lif: neurons.LIFConfig
+  style: str = 'spikingformer'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    d = self.embed_dim
+    widths = (d // 8, d // 4, d // 2, d, d)
+    if self.style == 'spikformer':
+      for k in range(4):
+        x = ConvBN(widths[k], self.dtype, name=f'stage{k}')(x, train)
+        x = LIF(self.lif, name=f'lif{k}')(x)
+        if self.pool[k]:
+          x = max_pool(x)
+      rpe = ConvBN(widths[4], self.dtype, name='stage4')(x, train)
+      return LIF(self.lif, name='lif4')(rpe) + x
+    x = ConvBN(widths[0], self.dtype, name='stage0')(x, train)
+    for k in range(1, 5):
+      pool = self.pool[k - 1]
+      if self.style == 'cml' and pool:
+        x = max_pool(x)
+      x = LIF(self.lif, name=f'lif{k}')(x)
+      if self.style == 'spikingformer' and pool:
+        x = max_pool(x)
+      x = ConvBN(widths[k], self.dtype, name=f'stage{k}')(x, train)
+    return x
+
+
+def _bn_masked(bn: nn.BatchNorm, x, mask):
+  return bn(x) if mask is None else bn(x, mask=mask)
+
+
+class SpikingSelfAttention(nn.Module):
+  """Spiking self-attention on `[T, B, N, D]`: (Q K^T V) * scale -> LIF(threshold 0.5), no softmax.
+
+  pre_activation=True (Spikingformer): LIF -> {q,k,v} Dense-BN-LIF -> attention -> Dense-BN.
+  pre_activation=False (Spikformer): {q,k,v} Dense-BN-LIF on the stream -> attention -> Dense-BN-LIF.
+  `mask` (`[B, N]`, 1 for real tokens) zeroes padded keys and values, which keeps them binary.
+  """
+  dim: int
+  num_heads: int
+  lif: neurons.LIFConfig
+  attn_threshold: float = 0.5
+  scale: float = 0.125
+  pre_activation: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
+    if self.dim % self.num_heads:
+      raise ValueError(f'dim {self.dim} must be divisible by num_heads {self.num_heads}.')
+    t, b, n, d = x.shape
+    bn_mask = None if mask is None else mask[None, :, :, None].astype(bool)
+    if self.pre_activation:
+      x = LIF(self.lif, name='proj_lif')(x)
+
+    def qkv(name):
+      y = ChannelDense(d, use_bias=False, dtype=self.dtype, name=f'{name}_conv')(x)
+      y = _bn_masked(batch_norm(train, self.dtype, f'{name}_bn'), y, bn_mask)
+      return LIF(self.lif, name=f'{name}_lif')(y)
+
+    q, k, v = qkv('q'), qkv('k'), qkv('v')
+    if mask is not None:
+      token_mask = mask[None, :, :, None].astype(k.dtype)
+      k, v = k * token_mask, v * token_mask
+    heads = lambda y: y.reshape(t, b, n, self.num_heads, d // self.num_heads)
+    q, k, v = heads(q), heads(k), heads(v)
+    # Spike products are integer counts: accumulate in float32. The intermediate product is cast back
+    # to the compute dtype, which is exact for counts up to 256 in bfloat16 (N or d per head).
+    f32 = dict(preferred_element_type=jnp.float32)
+    if n > d // self.num_heads:  # K^T V first: N d^2 work instead of N^2 d (the ImageNet reference's order).
+      kv = jnp.einsum('tbnhi,tbnhj->tbhij', k, v, **f32).astype(self.dtype)
+      y = jnp.einsum('tbnhi,tbhij->tbnhj', q, kv, **f32)
+    else:
+      qk = jnp.einsum('tbnhi,tbmhi->tbhnm', q, k, **f32).astype(self.dtype)
+      y = jnp.einsum('tbhnm,tbmhj->tbnhj', qk, v, **f32)
+    y = (y * self.scale).reshape(t, b, n, d).astype(self.dtype)
+    lif_attn = self.lif.replace(v_threshold=self.attn_threshold)
+    y = LIF(lif_attn, name='attn_lif')(y)
+    y = ChannelDense(d, use_bias=True, dtype=self.dtype, name='proj_conv')(y)
+    y = _bn_masked(batch_norm(train, self.dtype, 'proj_bn'), y, bn_mask)
+    if not self.pre_activation:
+      y = LIF(self.lif, name='proj_lif')(y)
+    return y
+
+
+class SpikingMLP(nn.Module):
+  """Pre-activation (LIF-Dense-BN x2, Spikingformer) or post-activation (Dense-BN-LIF x2, Spikformer)."""
+  dim: int
+  hidden_dim: int
+  lif: neurons.LIFConfig
+  pre_activation: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
+    bn_mask = None if mask is None else mask[None, :, :, None].astype(bool)
+    for i, width in ((1, self.hidden_dim), (2, self.dim)):
+      if self.pre_activation:
+        x = LIF(self.lif, name=f'mlp{i}_lif')(x)
+      x = ChannelDense(width, use_bias=True, dtype=self.dtype, name=f'mlp{i}_conv')(x)
+      x = _bn_masked(batch_norm(train, self.dtype, f'mlp{i}_bn'), x, bn_mask)
+      if not self.pre_activation:
+        x = LIF(self.lif, name=f'mlp{i}_lif')(x)
+    return x
+
+
+class Block(nn.Module):
+  """x + SSA(x), then x + MLP(x) on the `[T, B, N, D]` residual stream (no LayerNorm, no DropPath)."""
+  dim: int
+  num_heads: int
+  mlp_ratio: float
+  lif: neurons.LIFConfig
+  pre_activation: bool = True
+  attn_scale: float = 0.125
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
+    x = x + SpikingSelfAttention(self.dim, self.num_heads, self.lif, scale=self.attn_scale,
+                                 pre_activation=self.pre_activation, dtype=self.dtype,
+                                 name='attn')(x, train, mask)
+    x = x + SpikingMLP(self.dim, int(self.dim * self.mlp_ratio), self.lif,
+                       pre_activation=self.pre_activation, dtype=self.dtype, name='mlp')(x, train, mask)
+    return x

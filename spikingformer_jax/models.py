@@ -1,0 +1,151 @@
+"""Spikingformer, Spikingformer† (CML) and Spikformer for images and event frames, looked up by name.
+
+Names: `<family>-<depth>-<dim>` for ImageNet, `<family>-cifar-<depth>-<dim>` and
+`<family>-dvs-<depth>-<dim>`, with family in {spikingformer, spikingformer-cml, spikformer}.
+`get_model(name, **overrides)` builds the Flax module; overrides change any field (num_classes,
+T, dtype, remat, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spikingformer_jax import layers, neurons
+
+
+class Spikingformer(nn.Module):
+  """The vision network: tokenizer, `depth` blocks, mean over tokens and time, linear head.
+
+  Input: images `[B, H, W, C]` (repeated over T: direct encoding) or per-step frames
+  `[B, T, H, W, C]` (event cameras). Output: logits `[B, num_classes]`.
+  """
+  num_classes: int
+  embed_dim: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  T: int = 4
+  pool: tuple[bool, bool, bool, bool] = (True, True, True, True)
+  style: str = 'spikingformer'  # 'spikingformer' | 'cml' | 'spikformer'
+  lif: neurons.LIFConfig = neurons.LIFConfig()
+  attn_scale: float = 0.125
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = self.time_major_input(x)
+    x = layers.SpikingTokenizer(self.embed_dim, self.pool, self.lif, self.style, self.dtype,
+                                name='tokenizer')(x, train)
+    t, b, h, w, d = x.shape
+    x = x.reshape(t, b, h * w, d)
+    block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+    for i in range(self.depth):
+      x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif,
+                    pre_activation=self.style != 'spikformer', attn_scale=self.attn_scale,
+                    dtype=self.dtype, name=f'block_{i}')(x, train)
+    features = x.astype(jnp.float32).mean(axis=(0, 2))  # tokens, then time (both plain means).
+    return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros,
+                    name='head')(features)
+
+  def time_major_input(self, x):
+    if x.ndim == 4:  # [B, H, W, C] static image: direct encoding, the analog image at every step.
+      x = jnp.broadcast_to(x[None], (self.T,) + x.shape)
+    elif x.ndim == 5:  # [B, T, H, W, C] frames.
+      if x.shape[1] != self.T:
+        raise ValueError(f'Frame input has {x.shape[1]} time steps but the model has T={self.T}.')
+      x = jnp.swapaxes(x, 0, 1)
+    else:
+      raise ValueError(f'Expected images [B, H, W, C] or frames [B, T, H, W, C], got shape {x.shape}.')
+    return x.astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What a registry entry fixes; `build(**overrides)` returns the module."""
+  name: str
+  kwargs: dict
+  input_shape: tuple  # One example, without batch: [H, W, C] or [T, H, W, C].
+
+  def build(self, **overrides) -> nn.Module:
+    kwargs = dict(self.kwargs)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Spikingformer)} - {'tau'}
+    if unknown:
+      raise ValueError(f'Unknown model override(s) {sorted(unknown)} for {self.name}.')
+    if 'tau' in overrides:
+      kwargs['lif'] = kwargs.get('lif', neurons.LIFConfig()).replace(tau=overrides.pop('tau'))
+    kwargs.update(overrides)
+    return Spikingformer(**kwargs)
+
+
+_FAMILIES = {'spikingformer': 'spikingformer', 'spikingformer-cml': 'cml', 'spikformer': 'spikformer'}
+_DATASETS = {
+    # dataset tag: (pool stages, default classes, input shape, heads(dim), tau, extra)
+    '': ((True,) * 4, 1000, (224, 224, 3), lambda dim: 8, 2.0),
+    'cifar': ((False, False, True, True), 10, (32, 32, 3), lambda dim: 12 if dim % 12 == 0 else 8, 2.0),
+    'dvs': ((True,) * 4, 10, (16, 128, 128, 2), lambda dim: 16, 1.5),
+}
+_SIZES = {'': ('8-384', '8-512', '8-768'), 'cifar': ('4-256', '2-384', '4-384'), 'dvs': ('2-256',)}
+
+
+def _registry() -> dict[str, ModelSpec]:
+  specs = {}
+  for family, style in _FAMILIES.items():
+    for tag, sizes in _SIZES.items():
+      pool, classes, shape, heads, tau = _DATASETS[tag]
+      for size in sizes:
+        depth, dim = map(int, size.split('-'))
+        name = '-'.join(p for p in (family, tag, size) if p)
+        T = shape[0] if tag == 'dvs' else 4
+        # Spikformer's DVS model keeps tau 2 and uses scale 0.25 (ZK-Zhou/spikformer cifar10dvs/model.py).
+        spk_dvs = style == 'spikformer' and tag == 'dvs'
+        kwargs = dict(num_classes=classes, embed_dim=dim, depth=depth, num_heads=heads(dim), T=T,
+                      pool=pool, style=style, lif=neurons.LIFConfig(tau=2.0 if spk_dvs else tau),
+                      attn_scale=0.25 if spk_dvs else 0.125)
+        specs[name] = ModelSpec(name, kwargs, shape)
+  # A tiny CPU-sized model for the embedded default (8x8 digits) and for tests.
+  specs['spikingformer-tiny'] = ModelSpec('spikingformer-tiny', dict(
+      num_classes=10, embed_dim=64, depth=1, num_heads=4, T=4, pool=(False, False, False, True),
+      style='spikingformer', lif=neurons.LIFConfig()), (8, 8, 1))
+  return specs
+
+
+MODELS: dict[str, ModelSpec] = _registry()
+
+
+def get_spec(name: str) -> ModelSpec:
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}. Registered: {", ".join(sorted(MODELS))}.')
+  return MODELS[name]
+
+
+def get_model(name: str, **overrides) -> nn.Module:
+  return get_spec(name).build(**overrides)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, example: jax.Array) -> dict:
+  """{'params', 'batch_stats'} for `model` (the sown 'spikes' of the init pass are dropped)."""
+  variables = model.init(rng, example, train=False)
+  return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+
+
+def abstract_variables(model: nn.Module, example_shape: tuple) -> dict:
+  """Shapes/dtypes of `init_variables` without allocating anything."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0),
+                                               jnp.zeros(example_shape, jnp.float32)))
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def param_count(name: str, **overrides) -> int:
+  """Exact parameter count from shapes alone (no memory, no FLOPs)."""
+  spec = get_spec(name)
+  return count_params(abstract_variables(spec.build(**overrides), (1,) + tuple(spec.input_shape))['params'])

@@ -1,0 +1,105 @@
+"""Pure multi-step spiking neurons over a leading time axis `[T, ...]`.
+
+The equations are SpikingJelly's `MultiStepLIFNode` (the neuron of the reference code):
+
+  charge      H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau          (decay_input, hard reset)
+              H[t] = V[t-1] + (X[t] - V[t-1]) / tau                       (decay_input, soft reset)
+              H[t] = V[t-1] - (V[t-1] - V_reset) / tau + X[t]             (no decay_input, hard)
+              H[t] = V[t-1] - V[t-1] / tau + X[t]                         (no decay_input, soft)
+  fire        S[t] = Θ(H[t] - V_th)
+  reset       V[t] = H[t] (1 - S[t]) + V_reset S[t]                       (hard, v_reset is a float)
+              V[t] = H[t] - V_th S[t]                                     (soft, v_reset is None)
+
+with V[-1] = V_reset (0 for the soft reset). With `detach_reset` the spike used in the reset is
+a constant for autodiff, which reproduces SpikingJelly's BPTT kernel exactly.
+
+The time loop is a `jax.lax.scan`; at the small T of Spikingformer (4) a fully unrolled scan
+lets XLA fuse the whole neuron into one elementwise kernel, which is ~3x faster than a rolled
+loop on CPU (see BENCHMARKS.md), so `unroll=True` is the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from spikingformer_jax.surrogates import get_surrogate, spike
+
+
+@dataclasses.dataclass(frozen=True)
+class LIFConfig:
+  """Hyper-parameters of a (multi-step) LIF neuron; defaults are SpikingJelly's / the reference's."""
+  tau: float = 2.0
+  v_threshold: float = 1.0
+  v_reset: Optional[float] = 0.0  # None: soft reset (subtract the threshold).
+  decay_input: bool = True
+  detach_reset: bool = True
+  surrogate: str = 'sigmoid'
+  alpha: Optional[float] = None  # None: the surrogate's default (4.0 for sigmoid).
+  unroll: int | bool = True
+
+  def __post_init__(self):
+    if not self.tau > 1.0:
+      raise ValueError(f'LIF tau must be > 1 (as SpikingJelly asserts), got {self.tau}.')
+    get_surrogate(self.surrogate)  # Validates the name.
+
+  def replace(self, **kwargs) -> 'LIFConfig':
+    return dataclasses.replace(self, **kwargs)
+
+
+def _charge(v, x, decay, v_reset, decay_input):
+  """One charge step; `decay` = 1/tau (a Python float or a traced scalar for PLIF)."""
+  rest = 0.0 if v_reset is None else v_reset
+  if decay_input:
+    return v + (x - (v - rest)) * decay
+  return v - (v - rest) * decay + x
+
+
+def _fire_and_reset(h, cfg: LIFConfig):
+  s = spike(h - cfg.v_threshold, cfg.surrogate, cfg.alpha)
+  s_reset = jax.lax.stop_gradient(s) if cfg.detach_reset else s
+  if cfg.v_reset is None:
+    v = h - s_reset * cfg.v_threshold
+  else:
+    v = h * (1.0 - s_reset) + cfg.v_reset * s_reset
+  return v, s
+
+
+def _run(x: jax.Array, cfg: LIFConfig, decay, decay_input: bool) -> jax.Array:
+  if x.ndim < 1:
+    raise ValueError(f'Neuron input needs a leading time axis [T, ...], got shape {x.shape}.')
+  rest = 0.0 if cfg.v_reset is None else cfg.v_reset
+  v0 = jnp.full(x.shape[1:], rest, dtype=x.dtype)
+
+  def step(v, x_t):
+    h = _charge(v, x_t, decay, cfg.v_reset, decay_input)
+    return _fire_and_reset(h, cfg)
+
+  _, spikes = jax.lax.scan(step, v0, x, unroll=cfg.unroll)
+  return spikes
+
+
+def lif(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
+  """Multi-step LIF: spikes `[T, ...]` (0/1 in x's dtype) for the input current `x` `[T, ...]`."""
+  return _run(x, cfg, 1.0 / cfg.tau, cfg.decay_input)
+
+
+def if_neuron(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
+  """Multi-step integrate-and-fire neuron: H = V + X (no leak); `tau` and `decay_input` are unused."""
+  return _run(x, cfg, 0.0, decay_input=False)
+
+
+def plif(x: jax.Array, w: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
+  """Multi-step parametric LIF (Fang et al. 2021): 1/tau = sigmoid(w) with a learnable scalar w.
+
+  `w = -log(tau0 - 1)` starts the neuron at time constant tau0 (SpikingJelly's initialisation).
+  """
+  return _run(x, cfg, jax.nn.sigmoid(w).astype(x.dtype), cfg.decay_input)
+
+
+def plif_init_w(tau0: float) -> float:
+  if not tau0 > 1.0:
+    raise ValueError(f'PLIF initial tau must be > 1, got {tau0}.')
+  return float(-jnp.log(tau0 - 1.0))

@@ -1,0 +1,1 @@
+"""Spikingformer for language: WordPiece tokenisation, GLUE / MLM data, and the text model."""

@@ -1,0 +1,333 @@
+"""Text input pipelines: GLUE / sentence classification and MLM pretraining, through grain.
+
+`make_loader(data_cfg, split, ...)` yields dict batches of numpy arrays:
+  input_ids, segment_ids, attention_mask  int32 [b, L]  (attention_mask 1 = real token)
+  label        int32 [b] (classification) | float32 [b] (regression) | int32 [b, L] (MLM targets)
+  mlm_weights  float32 [b, L]   (MLM only: 1 where a target is scored)
+  mask         float32 [b]      (eval only: 1 = real example; the last batch is padded with copies)
+`batch_size` is the global batch: process p yields rows [p*b, (p+1)*b) of every global batch,
+b = batch_size // process_count. With `dynamic_padding`, L is the longest sequence of the *global*
+batch rounded up to `pad_multiple` (so every process agrees on L and jit sees few shapes).
+
+Datasets (`data_cfg.name`): 'glue/<task>' (see glue.py; data_dir = the GLUE root with CoLA/, SST-2/, ...),
+'sst2', 'sst5', 'mr', 'subj', 'chnsenticorp', 'waimai' and 'tsv' (data_dir holds `<split>.tsv` in
+`label<TAB>text` form), and 'mlm_text' (data_dir holds a plain-text corpus, one document per line).
+Text is tokenised once per process and split, then cached in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import logging
+import os
+import pathlib
+from typing import Optional
+
+import grain
+import ml_collections
+import numpy as np
+
+from spikingformer_jax.text import glue, mlm
+from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
+
+SENTENCE_DATASETS = {  # name: (num_classes, language)
+    'sst2': (2, 'en'), 'sst5': (5, 'en'), 'mr': (2, 'en'), 'subj': (2, 'en'),
+    'chnsenticorp': (2, 'zh'), 'waimai': (2, 'zh'), 'tsv': (0, 'en'),
+}
+MLM_DATASET = 'mlm_text'
+CHAR_VOCAB = 'char'  # data.vocab_file value: build a character vocabulary from the training text.
+_TSV_FILES = {'validation': 'dev', 'dev': 'dev', 'train': 'train', 'test': 'test'}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int  # 1 for regression; the vocabulary size for MLM
+  vocab_size: int
+  num_train: int
+  num_eval: int
+  task: str  # 'classification' | 'regression' | 'mlm'
+
+
+def text_data_defaults() -> ml_collections.ConfigDict:
+  """The keys this pipeline reads beyond `configs.base_config().data`, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.source = 'auto'  # GLUE: 'tsv' | 'tfds' | 'auto' (TSV when <data_dir>/<TaskDir> exists, else TFDS)
+  c.vocab_file = ''  # '' = BERT uncased (English) or 'char' (Chinese datasets); 'char'; or a path
+  c.lowercase = True
+  c.char_vocab_min_count = 1
+  c.max_len = 128
+  c.dynamic_padding = True
+  c.pad_multiple = 16
+  c.num_classes = 0  # 'tsv' only: 0 = infer from the training labels (max + 1)
+  c.mask_prob = 0.15
+  c.mask_token_prob = 0.8
+  c.random_token_prob = 0.1
+  c.mlm_holdout_every = 100  # 'mlm_text' without <split>/ folders: every k-th document is 'validation'
+  return c
+
+
+def default_shared_dir() -> pathlib.Path:
+  """../shared next to the repository (or $SPIKINGFORMER_SHARED): where the staged real data lives."""
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  return pathlib.Path(os.environ.get('SPIKINGFORMER_SHARED', repo.parent / 'shared'))
+
+
+def is_text_dataset(name: str) -> bool:
+  return name.startswith('glue/') or name in SENTENCE_DATASETS or name == MLM_DATASET
+
+
+def _cfg(data_cfg, key):
+  """A text key from data_cfg, or its default when the config predates it."""
+  return data_cfg[key] if key in data_cfg else text_data_defaults()[key]
+
+
+def _data_dir(data_cfg) -> str:
+  if data_cfg.data_dir:
+    return data_cfg.data_dir
+  name = data_cfg.name
+  if name.startswith('glue/'):
+    return str(default_shared_dir() / 'data' / 'glue')
+  if name in SENTENCE_DATASETS and name != 'tsv':
+    return str(default_shared_dir() / 'data' / name)
+  raise ValueError(f'data.data_dir must be set for dataset {name!r}.')
+
+
+# ----------------------------------------------------------------------------- reading raw examples
+
+def _read_examples(data_cfg, split: str) -> glue.Examples:
+  name, data_dir = data_cfg.name, _data_dir(data_cfg)
+  if name.startswith('glue/'):
+    task = glue.get_glue_task(name)
+    source = _cfg(data_cfg, 'source')
+    if source == 'auto':
+      source = 'tsv' if os.path.isdir(os.path.join(data_dir, task.tsv_dir)) else 'tfds'
+    if source == 'tsv':
+      return glue.read_glue_tsv(name, data_dir, split)
+    if source == 'tfds':
+      return glue.read_glue_tfds(name, data_cfg.data_dir, split)
+    raise ValueError(f"data.source = {source!r}: expected 'auto', 'tsv' or 'tfds'.")
+  if name in SENTENCE_DATASETS:
+    return glue.read_label_text_tsv(os.path.join(data_dir, f'{_TSV_FILES.get(split, split)}.tsv'))
+  raise ValueError(f'Unknown text dataset {name!r}: expected glue/<task>, one of '
+                   f'{sorted(SENTENCE_DATASETS)} or {MLM_DATASET!r}.')
+
+
+def _corpus_documents(data_cfg, split: str) -> list[str]:
+  """Lines of `<data_dir>/<split>/**/*.txt`, or of `<data_dir>/**/*.txt` with every k-th line held out."""
+  root = _data_dir(data_cfg)
+  split_dir = os.path.join(root, split)
+  holdout = None
+  if not os.path.isdir(split_dir):
+    split_dir, holdout = root, _cfg(data_cfg, 'mlm_holdout_every')
+    if split != 'train' and holdout <= 0:
+      raise FileNotFoundError(f'{os.path.join(root, split)} is absent and data.mlm_holdout_every <= 0: '
+                              f'no {split!r} documents.')
+  files = sorted(glob.glob(os.path.join(split_dir, '**', '*.txt'), recursive=True))
+  if not files:
+    raise FileNotFoundError(f'No *.txt files under {split_dir} (data.name={MLM_DATASET!r} expects a plain-text '
+                            'corpus, one document per line).')
+  docs = []
+  for path in files:
+    with open(path, encoding='utf-8') as f:
+      docs.extend(line.strip() for line in f.read().split('\n') if line.strip())
+  if holdout:
+    keep_eval = split != 'train'
+    docs = [d for i, d in enumerate(docs) if (i % holdout == holdout - 1) == keep_eval]
+  return docs
+
+
+# ----------------------------------------------------------------------------- tokenisation (cached)
+
+# The fields that decide the tokenised content of a split (the in-memory cache key).
+_CONTENT_FIELDS = ('name', 'data_dir', 'source', 'vocab_file', 'lowercase', 'char_vocab_min_count', 'max_len',
+                   'mlm_holdout_every')
+
+
+def _cache_key(data_cfg) -> tuple:
+  return tuple(data_cfg[k] if k in ('name', 'data_dir') else _cfg(data_cfg, k) for k in _CONTENT_FIELDS)
+
+
+def _config_from_key(key: tuple) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(zip(_CONTENT_FIELDS, key)))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(key: tuple) -> WordPiece:
+  cfg = _config_from_key(key)
+  vocab = cfg.vocab_file
+  chinese = SENTENCE_DATASETS.get(cfg.name, (0, 'en'))[1] == 'zh'
+  if not vocab:
+    vocab = CHAR_VOCAB if chinese else str(default_shared_dir() / 'data' / 'vocab' / 'bert-base-uncased-vocab.txt')
+  if vocab == CHAR_VOCAB:
+    if cfg.name == MLM_DATASET:
+      texts = _corpus_documents(cfg, 'train')
+    else:
+      train = _read_examples(cfg, 'train')
+      texts = train.text_a + (train.text_b or [])
+    vocab = build_char_vocab(texts, cfg.char_vocab_min_count, cfg.lowercase)
+  return WordPiece(vocab, cfg.max_len, lowercase=cfg.lowercase)
+
+
+def get_tokenizer(data_cfg) -> WordPiece:
+  return _tokenizer(_cache_key(data_cfg))
+
+
+class TokenizedExamples:
+  """Random-access tokenised examples in flat arrays (cheap to pickle to grain workers)."""
+
+  def __init__(self, sequences: list[tuple[np.ndarray, np.ndarray]], labels: Optional[np.ndarray]):
+    lengths = np.array([len(ids) for ids, _ in sequences], np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+    self.ids = np.concatenate([ids for ids, _ in sequences]) if sequences else np.zeros(0, np.int32)
+    self.segments = np.concatenate([s for _, s in sequences]) if sequences else np.zeros(0, np.int32)
+    self.labels = labels
+
+  def __len__(self):
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> dict:
+    lo, hi = self.offsets[i], self.offsets[i + 1]
+    out = {'input_ids': self.ids[lo:hi], 'segment_ids': self.segments[lo:hi]}
+    if self.labels is not None:
+      out['label'] = self.labels[i]
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenized(key: tuple, split: str) -> TokenizedExamples:
+  cfg = _config_from_key(key)
+  tok = _tokenizer(key)
+  if cfg.name == MLM_DATASET:
+    chunks = mlm.pack_documents(tok.word_pieces(_corpus_documents(cfg, split)), cfg.max_len, tok.cls_id, tok.sep_id)
+    return TokenizedExamples([(c, np.zeros_like(c)) for c in chunks], None)
+  examples = _read_examples(cfg, split)
+  return TokenizedExamples(tok.encode_batch(examples.text_a, examples.text_b), examples.labels)
+
+
+def _split_examples(data_cfg, split: str, train: bool) -> TokenizedExamples:
+  examples = _tokenized(_cache_key(data_cfg), split)
+  limit = data_cfg.get('max_train_examples' if train else 'max_eval_examples', -1)
+  if limit is not None and 0 < limit < len(examples):
+    examples = _Prefix(examples, limit)
+  return examples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefix:
+  """The first `n` examples of a source (data.max_train_examples / max_eval_examples)."""
+  source: TokenizedExamples
+  n: int
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+  @property
+  def labels(self):
+    return None if self.source.labels is None else self.source.labels[:self.n]
+
+
+# ----------------------------------------------------------------------------- batching
+
+class Collate:
+  """grain batch_fn: pads a global batch to a common length and keeps this process's rows.
+
+  Eval batches (`pad_examples_to` set) are completed to the global batch size with copies of their
+  last example carrying mask 0, so every real example is seen exactly once.
+  """
+
+  def __init__(self, *, max_len: int, pad_id: int, dynamic: bool, pad_multiple: int, process_index: int,
+               process_count: int, global_batch: int, is_eval: bool):
+    self.max_len, self.pad_id, self.dynamic, self.pad_multiple = max_len, pad_id, dynamic, pad_multiple
+    self.process_index, self.process_count = process_index, process_count
+    self.global_batch, self.is_eval = global_batch, is_eval
+
+  def __call__(self, elements: list[dict]) -> dict:
+    real = len(elements)
+    elements = list(elements) + [elements[-1]] * (self.global_batch - real)
+    longest = max(len(e['input_ids']) for e in elements)
+    length = self.max_len
+    if self.dynamic:
+      length = min(self.max_len, -(-longest // self.pad_multiple) * self.pad_multiple)
+    local = self.global_batch // self.process_count
+    rows = range(self.process_index * local, (self.process_index + 1) * local)
+    batch = {k: np.full((local, length), v, np.int32) for k, v in
+             (('input_ids', self.pad_id), ('segment_ids', 0), ('attention_mask', 0))}
+    token_level_label = 'mlm_weights' in elements[0]
+    if token_level_label:
+      batch['label'] = np.zeros((local, length), np.int32)
+      batch['mlm_weights'] = np.zeros((local, length), np.float32)
+    else:
+      batch['label'] = np.stack([elements[r]['label'] for r in rows])
+    for i, r in enumerate(rows):
+      e, n = elements[r], len(elements[r]['input_ids'])
+      batch['input_ids'][i, :n] = e['input_ids']
+      batch['segment_ids'][i, :n] = e['segment_ids']
+      batch['attention_mask'][i, :n] = 1
+      if token_level_label:
+        batch['label'][i, :n] = e['label']
+        batch['mlm_weights'][i, :n] = e['mlm_weights']
+    if self.is_eval:
+      batch['mask'] = (np.asarray(rows) < real).astype(np.float32)
+    return batch
+
+
+def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int, process_index: int = 0,
+                process_count: int = 1, num_epochs: Optional[int] = None):
+  """A grain IterDataset of batches (see the module docstring); its iterators checkpoint via get/set_state.
+
+  Train: shuffled (reshuffled every epoch), `num_epochs` passes (None = forever), incomplete last
+  global batch dropped. Eval: one ordered pass, last batch padded (mask 0).
+  """
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} (global) must be divisible by process_count {process_count}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} must be in [0, {process_count}).')
+  tok = get_tokenizer(data_cfg)
+  examples = _split_examples(data_cfg, split, train)
+  if len(examples) == 0:
+    raise ValueError(f'Dataset {data_cfg.name!r} split {split!r} is empty.')
+  if train and len(examples) < batch_size:
+    raise ValueError(f'{data_cfg.name} {split}: {len(examples)} examples cannot fill one batch of {batch_size}.')
+  ds = grain.MapDataset.source(examples)
+  if train:
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  if data_cfg.name == MLM_DATASET:
+    masking = mlm.MaskingConfig(_cfg(data_cfg, 'mask_prob'), _cfg(data_cfg, 'mask_token_prob'),
+                                _cfg(data_cfg, 'random_token_prob'))
+    ds = ds.random_map(mlm.BertMasking(tok.mask_id, np.append(tok.special_ids, tok.pad_id), tok.vocab_size,
+                                       masking), seed=seed)
+  collate = Collate(max_len=_cfg(data_cfg, 'max_len'), pad_id=tok.pad_id, dynamic=_cfg(data_cfg, 'dynamic_padding'),
+                    pad_multiple=_cfg(data_cfg, 'pad_multiple'), process_index=process_index,
+                    process_count=process_count, global_batch=batch_size, is_eval=not train)
+  ds = ds.batch(batch_size, drop_remainder=train, batch_fn=collate)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, data_cfg.get('prefetch', 2))))
+  workers = data_cfg.get('num_workers', 0)
+  if workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+  """Sizes and task of `data_cfg` (tokenises the train and eval splits once; later loaders reuse that)."""
+  tok = get_tokenizer(data_cfg)
+  train = _split_examples(data_cfg, data_cfg.train_split, True)
+  num_eval = len(_split_examples(data_cfg, data_cfg.eval_split, False))
+  name = data_cfg.name
+  if name == MLM_DATASET:
+    return DatasetInfo(tok.vocab_size, tok.vocab_size, len(train), num_eval, 'mlm')
+  if name.startswith('glue/'):
+    task = glue.get_glue_task(name)
+    return DatasetInfo(task.num_classes, tok.vocab_size, len(train), num_eval, task.task)
+  num_classes = SENTENCE_DATASETS[name][0] or _cfg(data_cfg, 'num_classes')
+  if not num_classes:
+    num_classes = int(np.max(train.labels)) + 1
+  if np.max(train.labels) >= num_classes or np.min(train.labels) < 0:
+    raise ValueError(f'{name}: training labels span [{np.min(train.labels)}, {np.max(train.labels)}], outside '
+                     f'[0, {num_classes}) (data.num_classes).')
+  return DatasetInfo(num_classes, tok.vocab_size, len(train), num_eval, 'classification')

@@ -1,0 +1,133 @@
+"""Spikingformer-Text: Spikingformer blocks over WordPiece token sequences (our definition; the
+reference released no language code, see text/README.md for every choice).
+
+  embeddings  token + learned position + segment, LayerNorm (float, outside the spiking blocks)
+  encoding    direct: the same embedding at every one of the T time steps -> [T, B, N, D]
+  blocks      L x layers.Block(pre_activation=True) with the attention mask (padding is neither
+              attended to nor counted in BatchNorm statistics)
+  heads       classification / regression: mean over valid tokens and time -> Dense
+              mlm: mean over time -> LayerNorm -> logits against the (tied or untied) embedding
+
+`model.apply(variables, input_ids, segment_ids, attention_mask, train=...)` returns logits [B, K],
+scores [B] or MLM logits [B, N, V].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spikingformer_jax import layers, neurons
+
+TASKS = ('classification', 'regression', 'mlm')
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# BERT's initialiser for embeddings and task heads (the blocks keep layers.py's PyTorch inits).
+_bert_init = nn.initializers.truncated_normal(0.02)
+
+
+class SpikingformerText(nn.Module):
+  vocab_size: int = 30522
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  T: int = 4
+  max_len: int = 512
+  type_vocab_size: int = 2
+  task: str = 'classification'
+  num_labels: int = 2
+  tie_embeddings: bool = True
+  lif: neurons.LIFConfig = neurons.LIFConfig()
+  attn_scale: float = 0.125
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, input_ids, segment_ids, attention_mask, train: bool = False):
+    b, n = input_ids.shape
+    if n > self.max_len:
+      raise ValueError(f'Sequence length {n} exceeds the model max_len {self.max_len}.')
+    if segment_ids.shape != (b, n) or attention_mask.shape != (b, n):
+      raise ValueError(f'input_ids {input_ids.shape}, segment_ids {segment_ids.shape} and attention_mask '
+                       f'{attention_mask.shape} must all be [B, N].')
+    if self.task not in TASKS:
+      raise ValueError(f'task {self.task!r}: expected one of {TASKS}.')
+    mask = attention_mask.astype(jnp.int32)
+    token_embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_bert_init, param_dtype=jnp.float32,
+                           name='token_embed')
+    pos = self.param('pos_embed', _bert_init, (self.max_len, self.embed_dim), jnp.float32)
+    seg = nn.Embed(self.type_vocab_size, self.embed_dim, embedding_init=_bert_init, param_dtype=jnp.float32,
+                   name='segment_embed')
+    x = token_embed(input_ids) + pos[None, :n] + seg(segment_ids)
+    x = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='embed_norm')(x)
+    x = jnp.broadcast_to(x.astype(self.dtype)[None], (self.T, b, n, self.embed_dim))
+    block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+    for i in range(self.depth):
+      x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif, pre_activation=True,
+                    attn_scale=self.attn_scale, dtype=self.dtype, name=f'block_{i}')(x, train, mask)
+    x = x.astype(jnp.float32)
+    if self.task == 'mlm':
+      return self._mlm_logits(x.mean(axis=0), token_embed)
+    valid = mask.astype(jnp.float32)[None, :, :, None]
+    pooled = (x * valid).sum(axis=2) / jnp.maximum(valid.sum(axis=2), 1.0)  # [T, B, D]: valid tokens
+    pooled = pooled.mean(axis=0)  # then time
+    out = nn.Dense(1 if self.task == 'regression' else self.num_labels, kernel_init=_bert_init,
+                   bias_init=nn.initializers.zeros, param_dtype=jnp.float32, name='head')(pooled)
+    return out[:, 0] if self.task == 'regression' else out
+
+  def _mlm_logits(self, h, token_embed: nn.Embed):
+    h = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='mlm_norm')(h)
+    bias = self.param('mlm_bias', nn.initializers.zeros, (self.vocab_size,), jnp.float32)
+    if self.tie_embeddings:
+      return token_embed.attend(h) + bias
+    return nn.Dense(self.vocab_size, use_bias=False, kernel_init=_bert_init, param_dtype=jnp.float32,
+                    name='mlm_decoder')(h) + bias
+
+
+def _registry() -> dict[str, dict]:
+  specs = {}
+  for depth, dim in ((12, 768), (8, 768), (8, 512), (6, 512), (8, 384), (4, 256)):
+    specs[f'spikingformer-text-{depth}-{dim}'] = dict(depth=depth, embed_dim=dim, num_heads=dim // 64)
+  specs['spikingformer-text-tiny'] = dict(depth=2, embed_dim=64, num_heads=4, max_len=128)
+  return specs
+
+
+TEXT_MODELS: dict[str, dict] = _registry()
+_ALIASES = {'num_classes': 'num_labels'}  # the vision models' name for the same field
+
+
+def get_text_model(name: str, **overrides) -> SpikingformerText:
+  """The registered size `name` with fields changed by `overrides` (also `tau`, and dtype by name)."""
+  if name not in TEXT_MODELS:
+    raise ValueError(f'Unknown text model {name!r}. Registered: {", ".join(sorted(TEXT_MODELS))}.')
+  kwargs = dict(TEXT_MODELS[name])
+  overrides = {_ALIASES.get(k, k): v for k, v in overrides.items()}
+  fields = {f.name for f in dataclasses.fields(SpikingformerText)} - {'parent', 'name'}
+  unknown = set(overrides) - fields - {'tau'}
+  if unknown:
+    raise ValueError(f'Unknown model override(s) {sorted(unknown)} for {name}; known: {sorted(fields)} and tau.')
+  if 'tau' in overrides:
+    kwargs['lif'] = kwargs.get('lif', neurons.LIFConfig()).replace(tau=overrides.pop('tau'))
+  if isinstance(overrides.get('dtype'), str):
+    if overrides['dtype'] not in _DTYPES:
+      raise ValueError(f'dtype {overrides["dtype"]!r}: expected one of {sorted(_DTYPES)}.')
+    overrides['dtype'] = _DTYPES[overrides['dtype']]
+  kwargs.update(overrides)
+  if kwargs.get('task', 'classification') not in TASKS:
+    raise ValueError(f'task {kwargs["task"]!r}: expected one of {TASKS}.')
+  return SpikingformerText(**kwargs)
+
+
+def dummy_inputs(batch: int, length: int):
+  """(input_ids, segment_ids, attention_mask) of zeros / ones, for init and eval_shape."""
+  ids = jnp.zeros((batch, length), jnp.int32)
+  return ids, ids, jnp.ones((batch, length), jnp.int32)
+
+
+def init_variables(model: SpikingformerText, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
+  """{'params', 'batch_stats'} (the sown 'spikes' of the init pass are dropped)."""
+  variables = model.init(rng, *dummy_inputs(batch, length), train=False)
+  return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}

@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices for sharding tests, and access to the real-data samples in ../shared."""
+import os
+import pathlib
+
+# Must happen before jax is imported anywhere in the test session.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('SPIKINGFORMER_SHARED', REPO.parent / 'shared'))
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """Path under ../shared, or skip the calling test with the reason when it is absent."""
+  path = SHARED.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f'{path} is absent: this test needs the real-data samples in ../shared '
+                '(set SPIKINGFORMER_SHARED to their location).')
+  return path

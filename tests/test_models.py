@@ -1,0 +1,190 @@
+"""The model family: registry, exact parameter counts, spike-drivenness, jit/grad, reference parity."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import shared_path
+from spikingformer_jax import layers, models, torch_mapping
+
+# The reference doc's "without LN" column (§2.7), i.e. the reference counts minus the unused LayerNorms.
+EXACT_COUNTS = {
+    'spikingformer-8-384': 16_816_024,
+    'spikingformer-8-512': 29_689_384,
+    'spikingformer-8-768': 66_338_632,
+    'spikingformer-cifar-4-256': 4_152_106,
+    'spikingformer-cifar-2-384': 5_762_746,
+    'spikingformer-cifar-4-384': 9_320_122,
+    'spikingformer-dvs-2-256': 2_566_666,
+}
+
+
+@pytest.mark.parametrize('name', sorted(EXACT_COUNTS))
+def test_parameter_counts_equal_the_reference(name):
+  assert models.param_count(name) == EXACT_COUNTS[name]
+  # The baselines have identical counts (SPS+RPE convs == the 5 tokenizer convs).
+  for family in ('spikformer', 'spikingformer-cml'):
+    assert models.param_count(name.replace('spikingformer', family, 1)) == EXACT_COUNTS[name]
+
+
+def test_class_count_overrides_match_reference_counts():
+  assert models.param_count('spikingformer-cifar-4-384', num_classes=100) == 9_354_772
+  assert models.param_count('spikingformer-dvs-2-256', num_classes=11) == 2_566_923
+
+
+@pytest.mark.parametrize('name', sorted(models.MODELS))
+def test_every_registered_model_has_the_right_output_shape(name):
+  spec = models.get_spec(name)
+  model = spec.build()
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                       models.abstract_variables(model, (2,) + spec.input_shape),
+                       jax.ShapeDtypeStruct((2,) + spec.input_shape, jnp.float32))
+  assert out.shape == (2, model.num_classes)
+
+
+def _small(name, **kw):
+  kw = dict(dict(depth=1, embed_dim=32, num_heads=4), **kw)
+  return models.get_model(name, **kw)
+
+
+def _record_linear_inputs(model, variables, x):
+  """(module path, input) of every conv and dense call, captured by Flax method interception."""
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, (nn.Conv, nn.Dense)) and context.method_name == '__call__':
+      seen.append(('/'.join(context.module.path), np.asarray(args[0])))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):  # Train mode: batch statistics make every layer fire.
+    model.apply(variables, x, train=True, mutable=['batch_stats'])
+  return seen
+
+
+def _is_binary(a):
+  return bool(np.all((a == 0) | (a == 1)))
+
+
+@pytest.mark.parametrize('name,expect_spike_driven', [('spikingformer-cifar-4-384', True),
+                                                      ('spikingformer-cml-cifar-4-384', True),
+                                                      ('spikingformer-8-384', True),
+                                                      ('spikformer-cifar-4-384', False)])
+def test_block_inputs_are_spikes_only_for_spikingformer(name, expect_spike_driven):
+  spec = models.get_spec(name)
+  model = _small(name)
+  shape = (2, 64, 64, 3) if spec.input_shape[0] == 224 else (2, 16, 16, 3)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  variables = models.init_variables(model, jax.random.PRNGKey(1), x)
+  seen = _record_linear_inputs(model, variables, x)
+  non_binary = [p for p, a in seen if not _is_binary(a)]
+  block_non_binary = [p for p in non_binary if p.startswith('block_')]
+  if expect_spike_driven:
+    # Only the stem conv (analog image) and the head (float stream) multiply non-spikes.
+    assert non_binary == ['tokenizer/stage0/conv', 'head'], non_binary
+  else:
+    assert block_non_binary, 'Spikformer blocks should see integer-valued (non-spike) inputs'
+    assert any('q_conv' in p for p in block_non_binary) and any('mlp1_conv' in p for p in block_non_binary)
+
+
+def test_jit_and_grad_run_and_batch_stats_update():
+  model = _small('spikingformer-cifar-4-384')
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  variables = models.init_variables(model, jax.random.PRNGKey(1), x)
+
+  @jax.jit
+  def loss_and_grad(params, batch_stats):
+    def loss(p):
+      logits, new_state = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
+                                      mutable=['batch_stats'])
+      return jnp.sum(jax.nn.log_softmax(logits)[:, 0]), new_state
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (loss, new_state), grads = loss_and_grad(variables['params'], variables['batch_stats'])
+  assert np.isfinite(float(loss))
+  grad_norms = jax.tree_util.tree_map(lambda g: float(jnp.abs(g).sum()), grads)
+  assert all(np.isfinite(v) for v in jax.tree_util.tree_leaves(grad_norms))
+  # Surrogate gradients reach the first conv through every LIF in between.
+  assert grad_norms['tokenizer']['stage0']['conv']['kernel'] > 0
+  old = variables['batch_stats']['tokenizer']['stage0']['bn']['mean']
+  assert not np.allclose(np.asarray(new_state['batch_stats']['tokenizer']['stage0']['bn']['mean']), np.asarray(old))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_remat_matches():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  m32 = _small('spikingformer-cifar-4-384')
+  variables = models.init_variables(m32, jax.random.PRNGKey(1), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  mbf = _small('spikingformer-cifar-4-384', dtype=jnp.bfloat16)
+  assert mbf.apply(variables, x).dtype == jnp.float32  # Logits in float32.
+  mre = _small('spikingformer-cifar-4-384', remat=True)
+  g = lambda m: jax.jit(jax.grad(lambda p: m.apply({**variables, 'params': p}, x).sum()))(variables['params'])
+  for a, b in zip(jax.tree_util.tree_leaves(g(m32)), jax.tree_util.tree_leaves(g(mre))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_pytorch_default_initialisation_bounds():
+  model = _small('spikingformer-cifar-4-384')
+  v = models.init_variables(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
+  k = np.asarray(v['tokenizer']['stage1']['conv']['kernel'])  # HWIO, fan_in = 3*3*4
+  assert np.abs(k).max() <= 1 / np.sqrt(9 * 4) and np.abs(k).max() > 0.8 / np.sqrt(9 * 4)
+  head = np.asarray(v['head']['kernel'])
+  assert np.abs(head).max() <= 0.04 + 1e-6 and abs(head.std() - 0.0176) < 0.006  # trunc_normal(0.02) at ±2σ
+  assert np.all(np.asarray(v['head']['bias']) == 0)
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match='Unknown model'):
+    models.get_model('spikingformer-9-999')
+  with pytest.raises(ValueError, match='Unknown model override'):
+    models.get_model('spikingformer-tiny', depht=2)
+  m = models.get_model('spikingformer-dvs-2-256')
+  with pytest.raises(ValueError, match='time steps'):
+    jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 128, 128, 2))))
+
+
+# ---- Parity with the reference PyTorch model --------------------------------------------------------
+
+PARITY = [('ref_cifar_2-128.npz', 'spikingformer-cifar-4-384', dict(depth=2, embed_dim=128, num_heads=8)),
+          ('ref_imagenet_1-64.npz', 'spikingformer-8-384', dict(depth=1, embed_dim=64, num_heads=8))]
+
+
+def reference_lif_name(path, layout):
+  """Our sown path ('tokenizer', 'lif2', 'out') -> the reference module name."""
+  if path[0] == 'tokenizer':
+    k = path[1][3:]
+    return f'patch_embed.proj{k}_lif' if layout == 'imagenet' else f'patch_embed.block{k}_lif'
+  block = path[0].split('_')[1]
+  return f'block.{block}.{path[1]}.{path[2]}'
+
+
+def to_reference_layout(spikes):
+  """Ours [T, B, H, W, C] / [T, B, N, C] -> the reference's [T, B, C, H, W] / [T, B, C, N]."""
+  return np.moveaxis(spikes, -1, 2)
+
+
+@pytest.mark.parametrize('filename,name,overrides', PARITY)
+def test_identical_spikes_and_logits_to_the_reference(filename, name, overrides):
+  ref = np.load(shared_path('reference', 'parity', filename))
+  state_dict = {k[2:]: ref[k] for k in ref.files if k.startswith('w/')}
+  model = models.get_model(name, **overrides)
+  x = jnp.asarray(ref['x'].transpose(0, 2, 3, 1))
+  expected = traverse_util.flatten_dict(models.abstract_variables(model, x.shape))
+  variables = torch_mapping.torch_to_flax(state_dict, model, {k: v.shape for k, v in expected.items()})
+  logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['spikes']))(variables, x)
+  np.testing.assert_allclose(np.asarray(logits), ref['logits'], rtol=1e-5, atol=1e-5 * np.abs(ref['logits']).max())
+  layout = torch_mapping.tokenizer_layout(model.style, model.pool)
+  ours = {reference_lif_name(p, layout): np.asarray(v[0]) for p, v in traverse_util.flatten_dict(state['spikes']).items()}
+  ref_names = [k[4:] for k in ref.files if k.startswith('spk/')]
+  assert sorted(ours) == sorted(ref_names)
+  total = 0
+  for name_ in ref_names:
+    shape = tuple(ref[f'shape/{name_}'])
+    want = np.unpackbits(ref[f'spk/{name_}'])[:np.prod(shape)].reshape(shape)
+    got = to_reference_layout(ours[name_])
+    assert got.size == want.size, name_
+    got = got.reshape(want.shape)  # Tokens N = H*W row-major, as the reference's flatten(3).
+    np.testing.assert_array_equal(got.astype(np.uint8), want, err_msg=name_)
+    total += want.size
+  assert total > 100_000

@@ -6,6 +6,7 @@ machine is shared: only ratios measured in the same run are comparable.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -48,15 +49,15 @@ def machine_lines() -> list[str]:
   versions = []
   for name in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch', 'spikingjelly'):
     try:
-      module = __import__(name)
-      versions.append(f'{name} {getattr(module, "__version__", "?")}')
-    except ImportError:
+      versions.append(f'{name} {importlib.metadata.version(name)}')
+    except importlib.metadata.PackageNotFoundError:
       pass
   simd = sorted(f for f in cpu_flags() if f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'))
   return [
       f'- date: {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}',
       f'- machine: `nproc` = {os.cpu_count()}, CPU "{cpu_model()}" ({", ".join(simd)}), '
-      f'RAM {ram_gib():.1f} GiB, shared with other jobs (ratios from one run are what count)',
+      f'RAM {ram_gib():.1f} GiB, shared with other jobs (ratios from one run are what count); '
+      f'load average at start {os.getloadavg()[0]:.1f}',
       f'- python {platform.python_version()}; {"; ".join(versions)}',
   ]
 
@@ -76,6 +77,21 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
 def peak_rss_bytes() -> int:
   """Peak resident set size of this process so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss():
+  """Resets the kernel's resident-set high-water mark (VmHWM) of this process (Linux clear_refs 5)."""
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+
+
+def current_peak_rss_bytes() -> int:
+  """VmHWM: peak RSS since the process started or since the last `reset_peak_rss()`."""
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError('No VmHWM line in /proc/self/status.')
 
 
 def run_worker(module: str, args: Sequence[str], timeout: float = 1800) -> dict:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
+import tempfile
 import statistics
 
 import jax
@@ -117,8 +120,8 @@ def jax_contender(lif_fn):
   forward = jax.jit(lambda x: jax.vjp(lif_fn, x))
   backward = jax.jit(lambda vjp, g: vjp(g)[0])
 
-  def make(x_np, g_np):
-    x, g = jnp.asarray(x_np), jnp.asarray(g_np)
+  def make(shape_name):
+    x, g = (jnp.asarray(a) for a in inputs(SHAPES[shape_name]))
     fused_call = lambda: jax.block_until_ready(fused(x, g))
 
     def split_call():
@@ -128,28 +131,52 @@ def jax_contender(lif_fn):
     residuals = [a for a in jax.tree_util.tree_leaves(forward(x)[1]) if hasattr(a, 'nbytes')]
     residual_bytes = sum(int(a.nbytes) for a in residuals)
     as_numpy = lambda call: lambda: tuple(np.asarray(a) for a in call())
-    return {'fused': (fused_call, as_numpy(fused_call), None),
-            'split': (split_call, as_numpy(split_call), residual_bytes)}
+    block = lambda call: lambda calls: common.median_time(call, calls, warmup=1)[1]
+    return {'fused': (block(fused_call), as_numpy(fused_call), None),
+            'split': (block(split_call), as_numpy(split_call), residual_bytes)}
   return make
 
 
-def spikingjelly_contender():
+def spikingjelly_block(shape_name: str, calls: int, result_path: str = '') -> dict:
+  """Worker side: SpikingJelly's node on the benchmark inputs; one warm-up, `calls` timed calls."""
   import torch
   from spikingjelly.clock_driven import neuron
   node = neuron.MultiStepLIFNode(tau=2.0, detach_reset=True, backend='torch')
+  x_np, g_np = inputs(SHAPES[shape_name])
+  g = torch.from_numpy(g_np)
 
-  def make(x_np, g_np):
-    g = torch.from_numpy(g_np)
+  def run():
+    x = torch.from_numpy(x_np).requires_grad_(True)
+    spikes = node(x)
+    spikes.backward(g)
+    node.reset()
+    return spikes, x.grad
 
-    def run():
-      x = torch.from_numpy(x_np).requires_grad_(True)
-      spikes = node(x)
-      spikes.backward(g)
-      node.reset()
-      return spikes, x.grad
+  if result_path:
+    spikes, grad = run()
+    np.savez(result_path, spikes=spikes.detach().numpy(), grad=grad.numpy())
+  return {'samples': common.median_time(run, calls, warmup=1)[1]}
 
-    result = lambda: tuple(a.detach().numpy() for a in run())
-    return {'': (run, result, None)}
+
+def spikingjelly_contender():
+  """SpikingJelly runs in its own process: in a process where XLA just ran, XLA's idle worker threads
+  keep spinning and PyTorch's OpenMP threads get several times slower on 2 cores."""
+  import importlib.util
+  if importlib.util.find_spec('spikingjelly') is None:
+    raise ImportError('spikingjelly is not installed')
+
+  def make(shape_name):
+    def call_block(calls):
+      return common.run_worker('benchmarks.lif', ['--spikingjelly-worker', shape_name, '--calls', str(calls)])['samples']
+
+    def result():
+      with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'out.npz')
+        common.run_worker('benchmarks.lif', ['--spikingjelly-worker', shape_name, '--calls', '1',
+                                             '--result-path', path])
+        out = np.load(path)
+        return out['spikes'], out['grad']
+    return {'': (call_block, result, None)}
   return make
 
 
@@ -186,6 +213,13 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> dict:
   return {'numpy copy': 2 * nbytes / t_np, 'jax x*1.5': 2 * nbytes / t_jax}
 
 
+def inputs(shape):
+  """The benchmark's input current x (mean 0.8: realistic firing) and cotangent g, float32."""
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal(shape, dtype=np.float32) + 0.8).astype(np.float32)
+  return x, rng.standard_normal(shape, dtype=np.float32)
+
+
 def min_bytes(shape) -> int:
   """Reads x and g, writes spikes and grad_x: the least a fused fwd+bwd must move (float32)."""
   return 4 * 4 * int(np.prod(shape))
@@ -211,26 +245,25 @@ def run(args):
   lines += ['- copy bandwidth measured in this run (read+write bytes/s, 512 MiB): '
             + ', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in bandwidth.items()), '']
   lines += ['Each row computes spikes and d<spikes, g>/dx for a fixed random cotangent g. The contenders '
-            f'are called round-robin ({args.calls} calls each after a warm-up), so load from other jobs '
-            'hits all of them alike; medians and minima over those calls. LIF: tau=2, v_th=1, hard reset '
-            'to 0, detach_reset=True, sigmoid surrogate alpha=4. `fused`: one jit for forward+backward; '
+            f'take turns: {args.rounds} rounds, in each one warm-up call and {args.calls} timed calls per '
+            'contender, so load from other jobs hits all of them alike; medians and minima over all timed '
+            "calls. SpikingJelly runs in a subprocess per block: in the JAX process, XLA's idle worker "
+            "threads keep spinning and made PyTorch's OpenMP threads 5-15x slower on 2 cores. "
+            'LIF: tau=2, v_th=1, hard reset to 0, detach_reset=True, sigmoid surrogate alpha=4. `fused`: one jit for forward+backward; '
             '`split`: forward and backward as two jit calls with the residuals in memory between them '
             '(the situation inside a training step).', '']
   for shape_name in args.shapes:
     shape = SHAPES[shape_name]
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal(shape, dtype=np.float32) + 0.8).astype(np.float32)
-    g = rng.standard_normal(shape, dtype=np.float32)
     rows, reference = {}, None
     for name, make in makers.items():
-      for mode, (call, result, residual_bytes) in make(x, g).items():
+      for mode, (call, result, residual_bytes) in make(shape_name).items():
         row = f'{name} {mode}'.strip()
         out = result()  # Also compiles and warms up.
         reference = reference or out
         rows[row] = dict(call=call, samples=[], residual=residual_bytes, **check_against(reference, out, row))
-    for _ in range(args.calls):
+    for _ in range(args.rounds):
       for row in rows.values():
-        row['samples'].append(common.median_time(row['call'], 1, warmup=0)[0])
+        row['samples'] += row['call'](args.calls)
     sj = statistics.median(rows[SPIKINGJELLY]['samples']) if SPIKINGJELLY in rows else None
     table = []
     for name, row in rows.items():
@@ -253,9 +286,16 @@ def run(args):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument('--calls', type=int, default=40, help='timed calls per contender (round-robin)')
+  parser.add_argument('--rounds', type=int, default=6, help='interleaved rounds over all contenders')
+  parser.add_argument('--calls', type=int, default=5, help='timed calls per contender and round')
   parser.add_argument('--out', default=f'{common.REPO_ROOT}/benchmarks/results/lif.md')
-  run(parser.parse_args())
+  parser.add_argument('--spikingjelly-worker', metavar='SHAPE', help='internal: time SpikingJelly in this process')
+  parser.add_argument('--result-path', default='', help='internal: where the worker saves spikes and grads')
+  args = parser.parse_args()
+  if args.spikingjelly_worker:
+    print(json.dumps(spikingjelly_block(args.spikingjelly_worker, args.calls, args.result_path)))
+  else:
+    run(args)
 
 
 if __name__ == '__main__':

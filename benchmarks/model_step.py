@@ -72,7 +72,7 @@ def jax_worker(args) -> dict:
   if args.mode == 'fwdbwd':
     step = jax.jit(lambda p, s: grad_fn(p, s))
     call_args = (params, batch_stats)
-    run = lambda: jax.block_until_ready(step(*call_args))
+    run = lambda: jax.block_until_ready(compiled(*call_args))
   else:
     def train_step(params, opt_state, batch_stats):
       (loss, batch_stats), grads = grad_fn(params, batch_stats)
@@ -84,7 +84,7 @@ def jax_worker(args) -> dict:
     state = {'args': call_args}
 
     def run():
-      params, opt_state, batch_stats, loss = step(*state['args'])
+      params, opt_state, batch_stats, loss = compiled(*state['args'])
       state['args'] = (params, opt_state, batch_stats)
       return jax.block_until_ready(loss)
 
@@ -94,8 +94,13 @@ def jax_worker(args) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  memory = compiled.memory_analysis()
+  xla_bytes = sum(getattr(memory, f, 0) for f in ('temp_size_in_bytes', 'argument_size_in_bytes',
+                                                   'output_size_in_bytes')) if memory else float('nan')
+  common.reset_peak_rss()  # From here on the high-water mark covers the steps, not the compiler.
   _, samples = common.median_time(run, args.steps, warmup=1)
-  return dict(step_s=samples, compile_s=compile_s, flops=flops, peak_rss=common.peak_rss_bytes())
+  return dict(step_s=samples, compile_s=compile_s, flops=flops, peak_rss=common.peak_rss_bytes(),
+              steps_peak_rss=common.current_peak_rss_bytes(), xla_bytes=xla_bytes)
 
 
 def torch_worker(args) -> dict:
@@ -117,8 +122,10 @@ def torch_worker(args) -> dict:
       optimizer.step()
     return loss.item()
 
+  common.reset_peak_rss()
   _, samples = common.median_time(run, args.steps, warmup=1)
   return dict(step_s=samples, compile_s=0.0, flops=float('nan'), peak_rss=common.peak_rss_bytes(),
+              steps_peak_rss=common.current_peak_rss_bytes(), xla_bytes=float('nan'),
               threads=torch.get_num_threads())
 
 
@@ -127,14 +134,16 @@ def torch_worker(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 ROWS = {
     # row name: worker arguments
-    'JAX fwd+bwd, float32': ['jax', '--mode', 'fwdbwd'],
     'JAX train step, float32': ['jax', '--mode', 'train'],
-    'JAX train step, float32, remat': ['jax', '--mode', 'train', '--remat'],
-    'JAX train step, bfloat16': ['jax', '--mode', 'train', '--dtype', 'bfloat16'],
-    'JAX train step, float32, candidate LIF': ['jax', '--mode', 'train', '--lif', 'candidate'],
     'PyTorch reference train step (SpikingJelly torch LIF)': ['torch', '--mode', 'train', '--lif', 'spikingjelly'],
+    'JAX train step, float32, candidate LIF': ['jax', '--mode', 'train', '--lif', 'candidate'],
+    'JAX fwd+bwd, float32': ['jax', '--mode', 'fwdbwd'],
+    'JAX train step, bfloat16': ['jax', '--mode', 'train', '--dtype', 'bfloat16'],
+    'JAX train step, float32, remat': ['jax', '--mode', 'train', '--remat'],
 }
 REFERENCE_ROW = 'PyTorch reference train step (SpikingJelly torch LIF)'
+# Rows timed in every round; the others (slow or secondary) only in the first.
+EVERY_ROUND = ('JAX train step, float32', 'JAX train step, float32, candidate LIF', REFERENCE_ROW)
 MAIN_ROW = 'JAX train step, float32'
 
 
@@ -151,20 +160,22 @@ def matmul_gflops(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
 def orchestrate(args):
   import os
   rows = {name: [] for name in args.rows}
+  failures = {}
   matmul = {'float32': [], 'bfloat16': []}
   load = [os.getloadavg()[0]]
   for r in range(args.rounds):
     for dtype in matmul:
       matmul[dtype].append(matmul_gflops(dtype))
     for name in args.rows:
+      if r and (name not in EVERY_ROUND or name in failures):
+        continue
       worker_args = ROWS[name] + ['--batch', str(args.batch), '--steps', str(args.steps)]
       try:
         result = common.run_worker('benchmarks.model_step', ['--worker'] + worker_args)
-      except RuntimeError as e:
-        if 'spikingjelly' in str(e):
-          print(f'Skipping {name}: {e}')
-          continue
-        raise
+      except RuntimeError as e:  # Reported in the table (e.g. spikingjelly missing, an XLA:CPU limitation).
+        failures[name] = str(e).strip().splitlines()[-1]
+        print(f'{name} failed: {e}', flush=True)
+        continue
       print(f'round {r}: {name}: {json.dumps(result)}', flush=True)
       rows[name].append(result)
     load.append(os.getloadavg()[0])
@@ -179,18 +190,22 @@ def orchestrate(args):
     flops = statistics.median(r['flops'] for r in results)
     summary[name] = dict(step_s=step_s, img_s=args.batch / step_s,
                          peak_gb=statistics.median(r['peak_rss'] for r in results) / 1e9,
+                         steps_peak_gb=statistics.median(r['steps_peak_rss'] for r in results) / 1e9,
+                         xla_gb=statistics.median(r['xla_bytes'] for r in results) / 1e9,
+                         rounds=len(results),
                          compile_s=statistics.median(r['compile_s'] for r in results), flops=flops)
   ref = summary.get(REFERENCE_ROW)
-  table = []
+  table = [[name, 0, f'failed: `{message[:160]}`'] + ['-'] * 9 for name, message in failures.items()]
   for name, s in summary.items():
     is_bf16 = 'bfloat16' in name
     xla_gflop = s['flops'] / 1e9
     achieved = (xla_gflop if xla_gflop == xla_gflop else train_gflop) / s['step_s']
     table.append([
-        name, f'{s["step_s"]:.2f}', f'{s["img_s"]:.2f}',
+        name, s['rounds'], f'{s["step_s"]:.2f}', f'{s["img_s"]:.2f}',
         f'{s["img_s"] / ref["img_s"]:.2f}x' if ref else 'n/a',
         f'{s["img_s"] / REFERENCE_IMAGES_PER_S:.2f}x',
-        f'{s["peak_gb"]:.2f}',
+        f'{s["peak_gb"]:.2f} / {s["steps_peak_gb"]:.2f} / '
+        + ('-' if s['xla_gb'] != s['xla_gb'] else f'{s["xla_gb"]:.2f}'),
         f'{s["peak_gb"] / ref["peak_gb"]:.2f}x' if ref else 'n/a',
         f'{s["peak_gb"] / REFERENCE_PEAK_RSS_GB:.2f}x',
         '-' if xla_gflop != xla_gflop else f'{xla_gflop:.0f}',
@@ -205,7 +220,8 @@ def orchestrate(args):
             f'- large matmul ({2048}x{2048}, jax.jit) in this run: float32 {mm["float32"]:.0f} GFLOP/s, '
             f'bfloat16 {mm["bfloat16"]:.0f} GFLOP/s (median of {args.rounds} rounds)', '']
   lines += [f'Model `{MODEL}` (9.33 M parameters), T=4, batch {args.batch}, 32x32x3 inputs, AdamW (lr 5e-4, '
-            f'wd 0.05). Each row is a fresh process per round ({args.rounds} rounds, rows interleaved); a round '
+            f'wd 0.05). Each row is a fresh process per round (rows interleaved; {", ".join(EVERY_ROUND)} in all '
+            f'{args.rounds} rounds, the slower/secondary rows in the first only); a round '
             f'times {args.steps} steps after one warm-up step; the table gives the median over rounds of the '
             'per-round median step time, and the median peak RSS (whole process: Python, framework, '
             'compiled code, data). Achieved GFLOP/s = XLA `cost_analysis()` FLOPs of the compiled step / '
@@ -213,7 +229,7 @@ def orchestrate(args):
             f'image x {args.batch}). Reference from the issue: {REFERENCE_IMAGES_PER_S} images/s, '
             f'{REFERENCE_PEAK_RSS_GB} GB peak RSS. Targets: >= 2x its images/s, <= 0.5x its peak memory.', '']
   lines += common.markdown_table(
-      ['row', 's / step', 'images/s', 'vs PyTorch (this run)', 'vs 3.3 img/s (issue)', 'peak RSS GB',
+      ['row', 'rounds', 's / step', 'images/s', 'vs PyTorch (this run)', 'vs 3.3 img/s (issue)', 'peak RSS GB (process / during steps / XLA buffers)',
        'RSS vs PyTorch (this run)', 'RSS vs 4.7 GB (issue)', 'XLA GFLOP / step', 'achieved GFLOP/s (of matmul)',
        'compile s'], table)
   common.write_report(args.out, lines)

@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment.enabled = True
   c.data.max_train_examples = -1  # >0 truncates (quick runs); -1 = all
   c.data.max_eval_examples = -1
+  c.data.num_classes = 0  # generic 'npz' / 'tsv' sources: 0 = infer from the labels
+  c.data.T = 16  # event datasets: frames per example
+  c.data.split_by = 'number'  # event datasets: SpikingJelly's 'number' or 'time' integration
+  c.data.task_name = ''  # e.g. 'glue/cola': adds that task's official metrics to evaluation
 
   c.batch_size = 64  # global, over all hosts and devices
   c.eval_batch_size = 256
@@ -103,7 +107,12 @@ def _check_keys(config, reference, prefix=''):
 
 def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None):
   """Rejects unknown keys and impossible values with a message naming the field."""
-  _check_keys(config, reference or base_config())
+  if reference is None:
+    reference = base_config()
+    from spikingformer_jax.text import data as text_data  # noqa: PLC0415
+    if text_data.is_text_dataset(config.data.name):
+      reference.data.update(text_data.text_data_defaults())
+  _check_keys(config, reference)
 
   def need(cond, field, expected):
     if not cond:

@@ -54,17 +54,16 @@ class LayerEnergy:
     return self.location.split('/')[0]
 
 
-def layer_energy(product: flops.Product, spike_rate: Optional[float], batch_size: int = 1,
+def layer_energy(product: flops.Product, spike_rate: Optional[float],
                  operand_means: Sequence[Optional[float]] = (), e_mac_pj: float = E_MAC_PJ,
                  e_ac_pj: float = E_AC_PJ) -> LayerEnergy:
-  """Energy of one product traced at `batch_size`, per example."""
+  """Energy of one product traced at batch 1 (so its FLOPs are per example)."""
   if spike_rate is not None and not 0.0 <= spike_rate <= 1.0:
     raise ValueError(f'{product.location}: firing rate {spike_rate} is not in [0, 1].')
-  per_example = product.macs / batch_size
-  sops = 0.0 if spike_rate is None else spike_rate * per_example
-  macs = per_example if spike_rate is None else 0.0
-  return LayerEnergy(product.location, product.primitive, per_example, spike_rate, tuple(operand_means),
-                     sops, macs, e_mac_pj * macs + e_ac_pj * sops)
+  sops = 0.0 if spike_rate is None else spike_rate * product.macs
+  macs = float(product.macs) if spike_rate is None else 0.0
+  return LayerEnergy(product.location, product.primitive, float(product.macs), spike_rate,
+                     tuple(operand_means), sops, macs, e_mac_pj * macs + e_ac_pj * sops)
 
 
 def spike_rate(product: flops.Product, operand_means: Sequence[Optional[float]],
@@ -239,8 +238,8 @@ class Report:
       kind = 'conv' if l.primitive == 'conv_general_dilated' else 'dot'
       lines.append(f'{l.location:<44} {kind:<5} {l.flops:>10.4g} {rate:>7} {l.sops:>10.4g} {l.macs:>10.4g} '
                    f'{l.energy_pj * 1e-9:>10.4g}')
-    lines.append(f'total over {self.num_examples} examples (per example): {self.sops / 1e9:.4f} G SOPs, '
-                 f'{self.macs / 1e9:.4f} G MACs, {self.energy_mj:.4f} mJ')
+    lines.append(f'total per example (average of {self.num_examples}): {self.sops / 1e9:.4g} G SOPs, '
+                 f'{self.macs / 1e9:.4g} G MACs, {self.energy_mj:.4g} mJ')
     lines.append('LIF firing rates:')
     lines += [f'  {name:<42} {rate:.4f}' for name, rate in self.lif_rates.items()]
     return '\n'.join(lines)
@@ -250,7 +249,7 @@ def report_from_measurement(m: Measurement, e_mac_pj: float = E_MAC_PJ, e_ac_pj:
   energies = []
   for location, p, means, flags in zip(_unique([p.location for p in m.products]), m.products,
                                        m.operand_means, m.operand_binary):
-    energy = layer_energy(p, spike_rate(p, means, flags), 1, means, e_mac_pj, e_ac_pj)
+    energy = layer_energy(p, spike_rate(p, means, flags), means, e_mac_pj, e_ac_pj)
     energies.append(dataclasses.replace(energy, location=location))
   return Report(tuple(energies), dict(m.lif_rates), m.num_examples, e_mac_pj, e_ac_pj)
 
@@ -299,19 +298,15 @@ def write(report: Report, out_dir) -> tuple[pathlib.Path, pathlib.Path]:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-def model_from_config(config):
-  """The Flax model an experiment config describes (config.model.*)."""
-  from spikingformer_jax import models
-  overrides = dict(config.model.get('overrides', {}) or {})
-  return models.get_model(config.model.name, num_classes=config.model.num_classes, T=config.model.T,
-                          dtype=jnp.dtype(config.model.dtype), **overrides)
-
-
 def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '', batch_size: int = 0,
         out_dir: str = '') -> Report:
   """The CLI's work: measure `num_batches` (<= 0: all) of a split and optionally write JSON + PNG."""
-  from spikingformer_jax import data, models
-  model = model_from_config(config)
+  from spikingformer_jax import configs, data, models, train  # the trainer's plumbing is only needed here
+  configs.validate(config)
+  if train.is_text(config):
+    raise ValueError(f'config.model.name = {config.model.name!r}: the energy report supports the vision '
+                     'models (image or event-frame input).')
+  model = train.build_model(config, data.dataset_info(config.data))
   split = split or config.data.eval_split
   loader = data.make_loader(config.data, split, batch_size=batch_size or config.eval_batch_size, train=False,
                             seed=0)
@@ -326,7 +321,8 @@ def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '
     variables = checkpoint.load_variables(checkpoint_path)
   else:
     example = jnp.asarray(_batch_inputs(first, 0)[:1])
-    variables = models.init_variables(model, jax.random.PRNGKey(config.seed), example)
+    init = jax.jit(lambda rng, x: models.init_variables(model, rng, x))
+    variables = init(jax.random.PRNGKey(config.seed), example)
   report = energy_report(model, variables, itertools.chain([first], batches))
   print(report.table())
   if out_dir:
@@ -346,8 +342,11 @@ def _main():
   batch_size = flags.DEFINE_integer('batch_size', 0, 'Batch size; 0: config.eval_batch_size.')
   out = flags.DEFINE_string('out', '', 'Directory for energy.json and energy.png; empty: print only.')
   flags.mark_flags_as_required(['config'])
-  app.run(lambda argv: run(config.value, checkpoint.value, batches.value, split.value, batch_size.value,
-                           out.value) and None)
+
+  def main(argv):
+    del argv
+    run(config.value, checkpoint.value, batches.value, split.value, batch_size.value, out.value)
+  app.run(main)
 
 
 if __name__ == '__main__':

@@ -289,7 +289,7 @@ class _Walker:
         index=index, location=location, primitive=eqn.primitive.name,
         macs=product_macs(eqn.primitive.name, lhs.aval.shape, rhs.aval.shape, out.aval.shape, eqn.params),
         operands=tuple(Operand(tuple(v.aval.shape), i.from_input, i.binary) for v, i in zip(eqn.invars, in_infos)),
-        reads_input=not upstream))
+        reads_input=any(i.from_input for i in in_infos) and not upstream))
     if evaluate:
       self.stats.append(tuple(_measure(v) if i.from_input else None for v, i in zip(in_vals, in_infos)))
     return _Info(False, any(i.from_input for i in in_infos), upstream | {index})

@@ -189,15 +189,19 @@ class SpikingSelfAttention(nn.Module):
       k, v = k * token_mask, v * token_mask
     heads = lambda y: y.reshape(t, b, n, self.num_heads, d // self.num_heads)
     q, k, v = heads(q), heads(k), heads(v)
-    # Spike products are integer counts: accumulate in float32. The intermediate product is cast back
-    # to the compute dtype, which is exact for counts up to 256 in bfloat16 (N or d per head).
+    # Spike products are integer counts: accumulate in float32 and keep the intermediate count matrix in
+    # float32 (bfloat16 is exact only up to 256, and K^T V counts reach N).
     f32 = dict(preferred_element_type=jnp.float32)
     if n > d // self.num_heads:  # K^T V first: N d^2 work instead of N^2 d (the ImageNet reference's order).
-      kv = jnp.einsum('tbnhi,tbnhj->tbhij', k, v, **f32).astype(self.dtype)
-      y = jnp.einsum('tbnhi,tbhij->tbnhj', q, kv, **f32)
+      with jax.named_scope('kv'):
+        kv = jnp.einsum('tbnhi,tbnhj->tbhij', k, v, **f32)
+      with jax.named_scope('q_kv'):
+        y = jnp.einsum('tbnhi,tbhij->tbnhj', q, kv, **f32)
     else:
-      qk = jnp.einsum('tbnhi,tbmhi->tbhnm', q, k, **f32).astype(self.dtype)
-      y = jnp.einsum('tbhnm,tbmhj->tbnhj', qk, v, **f32)
+      with jax.named_scope('qk'):
+        qk = jnp.einsum('tbnhi,tbmhi->tbhnm', q, k, **f32)
+      with jax.named_scope('qk_v'):
+        y = jnp.einsum('tbhnm,tbmhj->tbnhj', qk, v, **f32)
     y = (y * self.scale).reshape(t, b, n, d).astype(self.dtype)
     lif_attn = self.lif.replace(v_threshold=self.attn_threshold)
     y = LIF(lif_attn, name='attn_lif')(y)

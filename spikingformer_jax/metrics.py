@@ -33,7 +33,8 @@ def _predictions(predictions_or_logits, labels) -> np.ndarray:
   if p.ndim == np.ndim(labels) + 1:
     return p.argmax(axis=-1)
   if p.shape != np.shape(labels):
-    raise ValueError(f'predictions {p.shape} must be logits [..., K] or class ids shaped like labels {np.shape(labels)}.')
+    raise ValueError(f'predictions {p.shape} must be logits [..., K] or class ids shaped like the labels '
+                     f'{np.shape(labels)}.')
   return p
 
 

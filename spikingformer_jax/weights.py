@@ -46,7 +46,10 @@ def is_weights_checkpoint(directory) -> bool:
 def build_model_from_meta(meta: dict):
   """The Flax module a weights checkpoint belongs to."""
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
-  return models.get_model(meta['model_name'], **overrides)
+  try:
+    return models.get_model(meta['model_name'], **overrides)
+  except (ValueError, TypeError) as e:
+    raise WeightsError(f'Cannot build model {meta["model_name"]!r} with overrides {overrides}: {e}') from None
 
 
 def expected_shapes(model, model_name: str) -> dict:

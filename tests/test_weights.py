@@ -131,18 +131,17 @@ def test_load_half_written_directory(saved):
     ('{"format": "spikingformer-jax-weig', 'not valid JSON'),
     ('[1, 2]', 'expected a JSON object'),
     (None, 'field \'model_name\' should be a str'),
-    ('unknown-model', "unknown model_name 'unknown-model'"),
+    ({'model_name': 'unknown-model'}, "unknown model_name 'unknown-model'"),
+    ({'model_overrides': {'widht': 3}}, r"Cannot build model 'spikingformer-tiny' .*Unknown model override.*widht"),
 ])
 def test_load_corrupt_metadata(saved, content, message):
   meta_path = saved / weights.META_FILE
+  meta = json.loads(meta_path.read_text())
   if content is None:
-    meta = json.loads(meta_path.read_text())
     del meta['model_name']
     content = json.dumps(meta)
-  elif content == 'unknown-model':
-    meta = json.loads(meta_path.read_text())
-    meta['model_name'] = content
-    content = json.dumps(meta)
+  elif isinstance(content, dict):
+    content = json.dumps({**meta, **content})
   meta_path.write_text(content)
   with pytest.raises(weights.WeightsError, match=message):
     weights.load_weights(saved)

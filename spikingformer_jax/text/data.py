@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import logging
 import os
 import pathlib
 from typing import Optional
@@ -52,6 +51,7 @@ class DatasetInfo:
 def text_data_defaults() -> ml_collections.ConfigDict:
   """The keys this pipeline reads beyond `configs.base_config().data`, with their defaults."""
   c = ml_collections.ConfigDict()
+  c.task_name = ''  # the task_metrics() name the trainer reports, e.g. 'glue/cola' or 'sst5'
   c.source = 'auto'  # GLUE: 'tsv' | 'tfds' | 'auto' (TSV when <data_dir>/<TaskDir> exists, else TFDS)
   c.vocab_file = ''  # '' = BERT uncased (English) or 'char' (Chinese datasets); 'char'; or a path
   c.lowercase = True
@@ -119,6 +119,8 @@ def _corpus_documents(data_cfg, split: str) -> list[str]:
   split_dir = os.path.join(root, split)
   holdout = None
   if not os.path.isdir(split_dir):
+    if os.path.isdir(os.path.join(root, 'train')):  # split folders exist: never hold out from train/ itself
+      raise FileNotFoundError(f'{split_dir} is absent although {root} has a train/ folder.')
     split_dir, holdout = root, _cfg(data_cfg, 'mlm_holdout_every')
     if split != 'train' and holdout <= 0:
       raise FileNotFoundError(f'{os.path.join(root, split)} is absent and data.mlm_holdout_every <= 0: '
@@ -300,7 +302,7 @@ def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int
   if data_cfg.name == MLM_DATASET:
     masking = mlm.MaskingConfig(_cfg(data_cfg, 'mask_prob'), _cfg(data_cfg, 'mask_token_prob'),
                                 _cfg(data_cfg, 'random_token_prob'))
-    ds = ds.random_map(mlm.BertMasking(tok.mask_id, np.append(tok.special_ids, tok.pad_id), tok.vocab_size,
+    ds = ds.random_map(mlm.BertMasking(tok.mask_id, tok.special_ids, tok.vocab_size,
                                        masking), seed=seed)
   collate = Collate(max_len=_cfg(data_cfg, 'max_len'), pad_id=tok.pad_id, dynamic=_cfg(data_cfg, 'dynamic_padding'),
                     pad_multiple=_cfg(data_cfg, 'pad_multiple'), process_index=process_index,

@@ -40,8 +40,7 @@ class GlueTask:
   label: str | int
   label_names: Optional[tuple[str, ...]]  # None: labels are already integers / floats
   tfds_keys: tuple[str, Optional[str]]
-  num_classes: int  # 1 for regression
-  metric: str
+  num_classes: int  # 1 for regression (the official metrics are in spikingformer_jax.metrics)
 
   @property
   def task(self) -> str:
@@ -49,17 +48,17 @@ class GlueTask:
 
 
 GLUE_TASKS = {t.name: t for t in (
-    GlueTask('cola', 'CoLA', 3, None, 1, None, ('sentence', None), 2, 'matthews'),
-    GlueTask('sst2', 'SST-2', 'sentence', None, 'label', None, ('sentence', None), 2, 'accuracy'),
-    GlueTask('mrpc', 'MRPC', '#1 String', '#2 String', 'Quality', None, ('sentence1', 'sentence2'), 2, 'f1'),
-    GlueTask('stsb', 'STS-B', 'sentence1', 'sentence2', 'score', None, ('sentence1', 'sentence2'), 1, 'pearson'),
-    GlueTask('qqp', 'QQP', 'question1', 'question2', 'is_duplicate', None, ('question1', 'question2'), 2, 'f1'),
+    GlueTask('cola', 'CoLA', 3, None, 1, None, ('sentence', None), 2),
+    GlueTask('sst2', 'SST-2', 'sentence', None, 'label', None, ('sentence', None), 2),
+    GlueTask('mrpc', 'MRPC', '#1 String', '#2 String', 'Quality', None, ('sentence1', 'sentence2'), 2),
+    GlueTask('stsb', 'STS-B', 'sentence1', 'sentence2', 'score', None, ('sentence1', 'sentence2'), 1),
+    GlueTask('qqp', 'QQP', 'question1', 'question2', 'is_duplicate', None, ('question1', 'question2'), 2),
     GlueTask('mnli', 'MNLI', 'sentence1', 'sentence2', 'gold_label',
-             ('entailment', 'neutral', 'contradiction'), ('premise', 'hypothesis'), 3, 'accuracy'),
+             ('entailment', 'neutral', 'contradiction'), ('premise', 'hypothesis'), 3),
     GlueTask('qnli', 'QNLI', 'question', 'sentence', 'label', ('entailment', 'not_entailment'),
-             ('question', 'sentence'), 2, 'accuracy'),
+             ('question', 'sentence'), 2),
     GlueTask('rte', 'RTE', 'sentence1', 'sentence2', 'label', ('entailment', 'not_entailment'),
-             ('sentence1', 'sentence2'), 2, 'accuracy'),
+             ('sentence1', 'sentence2'), 2),
 )}
 
 # Split name -> candidate TSV files, first existing wins. The staged MNLI proxy has only dev.tsv
@@ -121,6 +120,8 @@ def read_glue_tsv(task_name: str, data_dir: str, split: str) -> Examples:
   rows = _read_tsv_rows(path)
   has_header = not isinstance(task.label, int)
   header, body, first_line = (rows[0], rows[1:], 2) if has_header else (None, rows, 1)
+  if not body:
+    raise ValueError(f'{path} has no examples.')
   cols = [_column(header, k, path) for k in (task.text_a, task.label)]
   b_col = None if task.text_b is None else _column(header, task.text_b, path)
   width = len(header) if header else max(len(r) for r in body)

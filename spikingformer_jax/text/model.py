@@ -70,7 +70,8 @@ class SpikingformerText(nn.Module):
                     attn_scale=self.attn_scale, dtype=self.dtype, name=f'block_{i}')(x, train, mask)
     x = x.astype(jnp.float32)
     if self.task == 'mlm':
-      return self._mlm_logits(x.mean(axis=0), token_embed)
+      table = token_embed.embedding if self.tie_embeddings else None
+      return MLMHead(self.vocab_size, name='mlm_head')(x.mean(axis=0), table)
     valid = mask.astype(jnp.float32)[None, :, :, None]
     pooled = (x * valid).sum(axis=2) / jnp.maximum(valid.sum(axis=2), 1.0)  # [T, B, D]: valid tokens
     pooled = pooled.mean(axis=0)  # then time
@@ -78,13 +79,22 @@ class SpikingformerText(nn.Module):
                    bias_init=nn.initializers.zeros, param_dtype=jnp.float32, name='head')(pooled)
     return out[:, 0] if self.task == 'regression' else out
 
-  def _mlm_logits(self, h, token_embed: nn.Embed):
-    h = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='mlm_norm')(h)
-    bias = self.param('mlm_bias', nn.initializers.zeros, (self.vocab_size,), jnp.float32)
-    if self.tie_embeddings:
-      return token_embed.attend(h) + bias
+
+class MLMHead(nn.Module):
+  """LayerNorm, then logits against the token embedding table (tied) or an own decoder, plus a bias.
+
+  Named '*head*' so that fine-tuning from an MLM checkpoint drops it like any task head.
+  """
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, h, tied_table=None):
+    h = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='norm')(h)
+    bias = self.param('bias', nn.initializers.zeros, (self.vocab_size,), jnp.float32)
+    if tied_table is not None:
+      return h @ tied_table.T + bias
     return nn.Dense(self.vocab_size, use_bias=False, kernel_init=_bert_init, param_dtype=jnp.float32,
-                    name='mlm_decoder')(h) + bias
+                    name='decoder')(h) + bias
 
 
 def _registry() -> dict[str, dict]:

@@ -1,0 +1,59 @@
+"""On-device mixup / cutmix with label smoothing (timm's `Mixup`, batch mode), as a pure function.
+
+Each example is mixed with the batch flipped along its first axis, with one lambda per batch:
+with probability `prob` a mix happens, cutmix is chosen with `switch_prob` when both alphas are
+positive, and cutmix's lambda is corrected to the exact pasted area. Targets are smoothed one-hots
+(off = s/K, on = 1 - s + s/K) mixed with the same lambda. Works for images `[B, H, W, C]` and frame
+stacks `[B, T, H, W, C]` (the box covers H, W of every frame).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def smooth_one_hot(labels, num_classes: int, smoothing: float):
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+
+
+def _cutmix_box_mask(rng, lam, height, width):
+  """A box of area fraction (1 - lam) at a uniform centre, clipped to the image (timm's rand_bbox)."""
+  cut = jnp.sqrt(1.0 - lam)
+  cut_h, cut_w = (height * cut).astype(jnp.int32), (width * cut).astype(jnp.int32)
+  ky, kx = jax.random.split(rng)
+  cy = jax.random.randint(ky, (), 0, height)
+  cx = jax.random.randint(kx, (), 0, width)
+  y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+  x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+  ys = jnp.arange(height)[:, None]
+  xs = jnp.arange(width)[None, :]
+  inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+  area = (y1 - y0) * (x1 - x0)
+  return inside, 1.0 - area / (height * width)
+
+
+def mix_batch(rng, images, labels, *, num_classes, smoothing, mixup_alpha, cutmix_alpha, prob, switch_prob,
+              enabled=True):
+  """Returns (mixed images, soft targets). `enabled` may be a traced bool (mixup switched off late)."""
+  targets = smooth_one_hot(labels, num_classes, smoothing)
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return images, targets
+  k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
+  apply = jnp.logical_and(jax.random.uniform(k_apply) < prob, enabled)
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    use_cutmix = jax.random.uniform(k_switch) < switch_prob
+  else:
+    use_cutmix = jnp.asarray(cutmix_alpha > 0)
+  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
+  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+  height, width = images.shape[-3], images.shape[-2]
+  inside, lam_box = _cutmix_box_mask(k_box, lam_cut, height, width)
+  flipped = images[::-1]
+  mixed = lam_mix * images + (1.0 - lam_mix) * flipped
+  cut = jnp.where(inside[:, :, None], flipped, images)
+  out = jnp.where(use_cutmix, cut, mixed)
+  lam = jnp.where(use_cutmix, lam_box, lam_mix)
+  out = jnp.where(apply, out, images).astype(images.dtype)
+  lam = jnp.where(apply, lam, 1.0)
+  return out, lam * targets + (1.0 - lam) * targets[::-1]

@@ -1,0 +1,429 @@
+"""Training and evaluation of any registered model from a config, on one CPU or a multi-host pod.
+
+The functional core is `make_train_step` / `make_eval_step`: pure functions of (state, batch, rng)
+compiled once with `jax.jit` and explicit in/out shardings over a ('data', 'fsdp') mesh. The host
+loop around them (`train_and_evaluate`) owns data, checkpoints, logging and preemption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from spikingformer_jax import checkpoint, configs, data, metrics, mixup, models, optim, sharding
+from spikingformer_jax.metric_writer import MetricWriter
+
+State = dict  # {'step', 'params', 'batch_stats', 'opt_state'}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model, data and task plumbing.
+
+def data_module(config):
+  """The vision (`spikingformer_jax.data`) or the text (`spikingformer_jax.text.data`) pipeline."""
+  from spikingformer_jax.text import data as text_data  # noqa: PLC0415 (keeps tokenizers optional)
+  return text_data if text_data.is_text_dataset(config.data.name) else data
+
+
+def is_text(config) -> bool:
+  return config.model.name.startswith('spikingformer-text')
+
+
+def build_model(config, info):
+  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  overrides = dict(config.model.overrides)
+  if is_text(config):
+    from spikingformer_jax.text import model as text_model  # noqa: PLC0415
+    num_labels = 1 if config.task == 'regression' else config.model.num_classes
+    return text_model.get_text_model(config.model.name, vocab_size=info.vocab_size, num_labels=num_labels,
+                                      task=config.task, T=config.model.T, dtype=dtype, remat=config.model.remat,
+                                      **overrides)
+  if config.model.num_classes != info.num_classes:
+    raise configs.ConfigError(f'config.model.num_classes = {config.model.num_classes}, but dataset '
+                              f'{config.data.name!r} has {info.num_classes} classes.')
+  if len(info.example_shape) == 4 and info.example_shape[0] != config.model.T:
+    raise configs.ConfigError(f'config.model.T = {config.model.T}, but the event frames have '
+                              f'{info.example_shape[0]} time steps (config.data.T).')
+  return models.get_model(config.model.name, num_classes=config.model.num_classes, T=config.model.T,
+                          dtype=dtype, remat=config.model.remat, **overrides)
+
+
+def example_inputs(config, info) -> tuple:
+  if is_text(config):
+    length = int(config.data.get('max_len', 128))
+    ids = jnp.zeros((1, length), jnp.int32)
+    return ids, ids, jnp.ones((1, length), jnp.int32)
+  return (jnp.zeros((1,) + tuple(info.example_shape), jnp.float32),)
+
+
+def model_inputs(batch) -> tuple:
+  if 'input_ids' in batch:
+    return batch['input_ids'], batch['segment_ids'], batch['attention_mask']
+  return (batch['image'],)
+
+
+def _cross_entropy(logits, soft_targets):
+  return -jnp.sum(soft_targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def task_loss(config, outputs, batch, soft_targets=None):
+  """Mean loss of a (micro)batch and its per-example correctness (for train accuracy)."""
+  if config.task == 'regression':
+    pred = outputs.reshape(-1).astype(jnp.float32)
+    return jnp.mean(jnp.square(pred - batch['label'])), jnp.zeros_like(pred)
+  if config.task == 'mlm':
+    w = batch['mlm_weights']
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(outputs.astype(jnp.float32)), batch['label'][..., None],
+                              axis=-1)[..., 0]
+    correct = (jnp.argmax(outputs, -1) == batch['label']) * w
+    denom = jnp.maximum(w.sum(), 1.0)
+    return jnp.sum(ce * w) / denom, correct.sum(-1) / jnp.maximum(w.sum(-1), 1.0)
+  loss = jnp.mean(_cross_entropy(outputs, soft_targets))
+  return loss, (jnp.argmax(outputs, -1) == batch['label']).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pure steps.
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What the compiled steps close over (static for jit)."""
+  model: Any
+  tx: optax.GradientTransformation
+  config: Any
+  steps_per_epoch: int
+  schedule: Callable
+
+
+def make_train_step(ctx: StepContext):
+  config, model = ctx.config, ctx.model
+  accum = int(config.grad_accum_steps)
+  use_mixup = config.task == 'classification' and not is_text(config)
+  mix_cfg = config.mixup
+
+  def microbatch_grads(params, batch_stats, mb, rng, epoch):
+    inputs = model_inputs(mb)
+    soft_targets = None
+    if config.task == 'classification':
+      if use_mixup:
+        enabled = True if mix_cfg.off_epoch < 0 else epoch < mix_cfg.off_epoch
+        image, soft_targets = mixup.mix_batch(
+            rng, mb['image'], mb['label'], num_classes=config.model.num_classes,
+            smoothing=config.label_smoothing, mixup_alpha=mix_cfg.mixup_alpha, cutmix_alpha=mix_cfg.cutmix_alpha,
+            prob=mix_cfg.prob, switch_prob=mix_cfg.switch_prob, enabled=enabled)
+        inputs = (image,)
+      else:
+        soft_targets = mixup.smooth_one_hot(mb['label'], config.model.num_classes, config.label_smoothing)
+
+    def loss_fn(p):
+      outputs, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, *inputs, train=True,
+                                      mutable=['batch_stats'])
+      loss, correct = task_loss(config, outputs, mb, soft_targets)
+      return loss, (new_vars['batch_stats'], correct)
+
+    (loss, (new_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, new_stats, loss, jnp.mean(correct)
+
+  def train_step(state: State, batch: dict, rng: jax.Array):
+    epoch = state['step'] // ctx.steps_per_epoch
+    if accum == 1:
+      grads, new_stats, loss, acc = microbatch_grads(state['params'], state['batch_stats'], batch, rng, epoch)
+    else:  # Gradient accumulation: a scan over microbatches, BatchNorm statistics threaded through.
+      micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        grad_sum, stats = carry
+        mb, i = xs
+        g, stats, loss, acc = microbatch_grads(state['params'], stats, mb, jax.random.fold_in(rng, i), epoch)
+        return (jax.tree_util.tree_map(jnp.add, grad_sum, g), stats), (loss, acc)
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state['params'])
+      (grad_sum, new_stats), (losses, accs) = jax.lax.scan(body, (zeros, state['batch_stats']),
+                                                           (micro, jnp.arange(accum)))
+      grads = jax.tree_util.tree_map(lambda g: g / accum, grad_sum)
+      loss, acc = losses.mean(), accs.mean()
+    updates, opt_state = ctx.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': new_stats, 'opt_state': opt_state}
+    step_metrics = {'loss': loss, 'train_accuracy': acc, 'grad_norm': optax.global_norm(grads),
+                    'lr': ctx.schedule(state['step'])}
+    return new_state, step_metrics
+
+  return train_step
+
+
+def make_eval_step(ctx: StepContext):
+  def eval_step(state: State, batch: dict):
+    return ctx.model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                           *model_inputs(batch), train=False)
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------
+# State creation, sharding and fine-tuning.
+
+def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str]]:
+  """Takes every pretrained variable that fits; heads (modules named '*head*') may be re-initialised.
+
+  Returns (variables, notes). Anything else missing, unexpected or mis-shaped is one error listing all.
+  """
+  is_head = lambda path: any('head' in part for part in path[1:2])
+  new, old = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(pretrained)
+  merged, notes, problems = {}, [], []
+  for path, value in new.items():
+    name = '/'.join(path)
+    if path in old and tuple(old[path].shape) == tuple(value.shape):
+      merged[path] = jnp.asarray(old[path], value.dtype)
+    elif is_head(path):
+      merged[path] = value
+      notes.append(f're-initialised {name} ' + ('(absent in checkpoint)' if path not in old else
+                                               f'(checkpoint {tuple(old[path].shape)} vs {tuple(value.shape)})'))
+    elif path not in old:
+      problems.append(f'missing in checkpoint: {name} {tuple(value.shape)}')
+    else:
+      problems.append(f'shape mismatch: {name} checkpoint {tuple(old[path].shape)} vs model {tuple(value.shape)}')
+  for path in sorted(set(old) - set(new)):
+    if is_head(path):
+      notes.append(f'dropped checkpoint head variable {"/".join(path)}')
+    else:
+      problems.append(f'unexpected in checkpoint: {"/".join(path)}')
+  if problems:
+    raise ValueError('config.init_from does not fit the model:\n  ' + '\n  '.join(problems))
+  return traverse_util.unflatten_dict(merged), notes
+
+
+def create_state(ctx: StepContext, mesh, example: tuple, rng, init_from: str = ''):
+  """The initial state, created directly with its shardings (nothing materialised on one device first)."""
+  def init():
+    variables = ctx.model.init(rng, *example, train=False)
+    params, batch_stats = variables['params'], variables.get('batch_stats', {})
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'batch_stats': batch_stats,
+            'opt_state': ctx.tx.init(params)}
+
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  if init_from:
+    pretrained = checkpoint.load_variables(init_from)
+    fresh = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    merged, notes = merge_pretrained(fresh, pretrained)
+    for note in notes:
+      logging.info('init_from: %s', note)
+    merged = jax.device_put(merged, {'params': shardings['params'], 'batch_stats': shardings['batch_stats']})
+    state = dict(state, params=merged['params'], batch_stats=merged['batch_stats'])
+    state['opt_state'] = jax.jit(ctx.tx.init, out_shardings=shardings['opt_state'])(state['params'])
+  return state, shardings
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation.
+
+def evaluate(eval_fn, state, loader, mesh, config, info) -> dict:
+  outputs, labels, masks = [], [], []
+  for batch in loader:
+    gbatch = sharding.global_batch(batch, mesh)
+    out = eval_fn(state, gbatch)
+    outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float32))
+    labels.append(np.asarray(multihost_utils.process_allgather(gbatch['label'], tiled=True)))
+    masks.append(np.asarray(multihost_utils.process_allgather(gbatch['mask'], tiled=True)))
+  out, lab, mask = np.concatenate(outputs), np.concatenate(labels), np.concatenate(masks)
+  if config.task == 'mlm':
+    return {}  # MLM is evaluated by its loss in training; no held-out metric beyond it here.
+  result = {}
+  if config.task == 'classification':
+    logp = out - out.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, lab[:, None].astype(np.int64), -1)[:, 0]
+    result['loss'] = float((nll * mask).sum() / mask.sum())
+    result['top1'] = metrics.accuracy(out, lab, mask)
+    if out.shape[-1] >= 5:
+      result['top5'] = metrics.top_k_accuracy(out, lab, 5, mask)
+  task_name = config.data.get('task_name', '')
+  if task_name:
+    result.update(metrics.task_metrics(task_name, out.reshape(len(out), -1).squeeze(-1)
+                                       if config.task == 'regression' else out, lab, mask))
+  result['num_examples'] = float(mask.sum())
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# The host loop.
+
+class _Preemption:
+  """SIGTERM (TPU maintenance/preemption) sets a flag; the loop saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: rely on Orbax's multi-host preemption detection only.
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress(total, initial, enabled):
+  if not enabled or jax.process_index() != 0:
+    return None
+  from tqdm.auto import tqdm  # noqa: PLC0415
+  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
+
+
+def plan(config, info) -> tuple[int, int]:
+  """(steps per epoch, total steps); the schedule's cooldown epochs run after num_epochs."""
+  steps_per_epoch = info.num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise configs.ConfigError(f'config.batch_size = {config.batch_size} is larger than the training set '
+                              f'({info.num_train} examples).')
+  if config.total_steps > 0:
+    return steps_per_epoch, int(config.total_steps)
+  return steps_per_epoch, steps_per_epoch * (config.num_epochs + config.optim.cooldown_epochs)
+
+
+def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, devices=None) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns the final summary.
+
+  `stop_after_steps` ends this invocation early (as a preemption would), after saving a checkpoint.
+  `devices` restricts the mesh to a subset of the local devices (default: all).
+  """
+  preemption = _Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
+  try:
+    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices)
+  finally:
+    preemption.restore()
+
+
+def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) -> dict:
+  configs.validate(config)
+  sharding.maybe_initialize_distributed(config.distributed)
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  n_dev = mesh.devices.size
+  for field, value in (('batch_size', config.batch_size // config.grad_accum_steps),
+                       ('eval_batch_size', config.eval_batch_size)):
+    if value % n_dev:
+      raise configs.ConfigError(f'config.{field} (per microbatch: {value}) must be divisible by the '
+                                f'{n_dev} devices of the mesh.')
+  pidx, pcount = jax.process_index(), jax.process_count()
+  dm = data_module(config)
+  info = dm.dataset_info(config.data)
+  steps_per_epoch, total_steps = plan(config, info)
+  model = build_model(config, info)
+  schedule = optim.make_schedule(config.optim, config.num_epochs, steps_per_epoch)
+  rng = jax.random.PRNGKey(config.seed)
+  example = example_inputs(config, info)
+  abstract_params = jax.eval_shape(lambda: model.init(rng, *example, train=False)['params'])
+  tx = optim.make_optimizer(config.optim, schedule, abstract_params, config.freeze)
+  ctx = StepContext(model, tx, config, steps_per_epoch, schedule)
+
+  manager = checkpoint.make_manager(workdir, config.checkpoint, config.metric)
+  latest = manager.latest_step()
+  state, state_shardings = create_state(ctx, mesh, example, rng, '' if latest is not None else config.init_from)
+  iter_state = None
+  if latest is not None:
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      state, state_shardings)
+    state, iter_state, _ = checkpoint.restore(manager, latest, abstract)
+    logging.info('Resumed from step %d in %s', latest, manager.directory)
+  start_step = int(jax.device_get(state['step']))
+
+  repl = sharding.replicated(mesh)
+  bsh = sharding.batch_sharding(mesh)
+  train_fn = jax.jit(make_train_step(ctx), in_shardings=(state_shardings, bsh, repl),
+                     out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(ctx), in_shardings=(state_shardings, bsh), out_shardings=bsh)
+
+  train_loader = dm.make_loader(config.data, config.data.train_split, batch_size=config.batch_size, train=True,
+                                seed=config.seed, process_index=pidx, process_count=pcount)
+  train_iter: Iterator = iter(train_loader)
+  if iter_state is not None:
+    train_iter.set_state(iter_state)
+
+  def eval_loader():
+    return dm.make_loader(config.data, config.data.eval_split, batch_size=config.eval_batch_size, train=False,
+                          seed=config.seed, process_index=pidx, process_count=pcount)
+
+  meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
+  writer = MetricWriter(workdir)
+  bar = _progress(total_steps, start_step, config.progress_bar)
+  base_rng = jax.random.PRNGKey(config.seed + 1)
+  best = {}
+  last_eval: dict = {}
+  images_seen, t0 = 0, time.perf_counter()
+  step = start_step
+  end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
+  try:
+    while step < end_step:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
+      step += 1
+      images_seen += config.batch_size
+      if bar is not None:
+        bar.update(1)
+      if step % config.log_every_steps == 0 or step == end_step:
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not all(math.isfinite(v) for v in scalars.values()):
+          raise FloatingPointError(f'Non-finite training metrics at step {step}: {scalars}. No checkpoint was '
+                                   'written for this state; lower optim.lr or enable optim.grad_clip.')
+        elapsed = time.perf_counter() - t0
+        scalars['examples_per_sec'] = images_seen / elapsed
+        scalars['step_time_ms'] = 1000 * elapsed / max(1, config.log_every_steps if step % config.log_every_steps
+                                                       == 0 else step - start_step)
+        images_seen, t0 = 0, time.perf_counter()
+        writer.write(step, 'train', scalars)
+        if bar is not None:
+          bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
+      epoch_end = step % steps_per_epoch == 0
+      eval_now = (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
+      metrics_for_ckpt = None
+      if eval_now:
+        last_eval = evaluate(eval_fn, state, eval_loader(), mesh, config, info)
+        writer.write(step, 'eval', last_eval)
+        if config.metric in last_eval and last_eval[config.metric] >= best.get(config.metric, -np.inf):
+          best = dict(last_eval, step=step)
+        metrics_for_ckpt = {k: float(v) for k, v in last_eval.items()} or None
+        logging.info('step %d eval %s', step, last_eval)
+        t0 = time.perf_counter()
+      stop = preemption.requested or manager.reached_preemption(step)
+      if step % config.checkpoint.every_steps == 0 or eval_now or stop or step == end_step:
+        checkpoint.save(manager, step, state, train_iter.get_state(), dict(meta, eval=last_eval),
+                        metrics_for_ckpt, force=True)
+      if stop:
+        logging.warning('Stopped at step %d on preemption; rerun the same command to resume.', step)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+  summary = {'step': step, 'total_steps': total_steps, 'final': last_eval, 'best': best,
+             'completed': step >= total_steps}
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  rows = [('step', f'{summary["step"]} / {summary["total_steps"]}')]
+  for prefix in ('final', 'best'):
+    for k, v in sorted(summary.get(prefix, {}).items()):
+      rows.append((f'{prefix} {k}', f'{v:.4f}' if isinstance(v, float) else str(v)))
+  width = max(len(r[0]) for r in rows)
+  return '\n'.join(f'| {k.ljust(width)} | {v} |' for k, v in rows)

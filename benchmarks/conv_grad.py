@@ -48,7 +48,7 @@ def run(args):
   grad_w_shifted = jax.jit(weight_grad_shifted_matmuls)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
   kt = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous()
-  gt = torch.from_numpy(np.asarray(g)).permute(0, 3, 1, 2).contiguous()
+  gt = torch.from_numpy(np.array(g)).permute(0, 3, 1, 2).contiguous()
   calls = {
       'XLA forward': lambda: forward(xj, kj).block_until_ready(),
       'XLA d/dx': lambda: grad_x(xj, kj, g).block_until_ready(),

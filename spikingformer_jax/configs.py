@@ -116,7 +116,10 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
 
   def need(cond, field, expected):
     if not cond:
-      raise ConfigError(f'config.{field} = {eval("config." + field)!r}: expected {expected}.')
+      value = config
+      for part in field.split('.'):
+        value = value[part]
+      raise ConfigError(f'config.{field} = {value!r}: expected {expected}.')
 
   need(config.task in TASKS, 'task', f'one of {TASKS}')
   need(config.model.name in models.MODELS or config.model.name.startswith('spikingformer-text'),

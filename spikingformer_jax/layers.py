@@ -192,6 +192,9 @@ class SpikingSelfAttention(nn.Module):
     # Spike products are integer counts: accumulate in float32 and keep the intermediate count matrix in
     # float32 (bfloat16 is exact only up to 256, and K^T V counts reach N).
     f32 = dict(preferred_element_type=jnp.float32)
+    if jax.default_backend() == 'cpu' and q.dtype != jnp.float32:
+      # XLA:CPU has no bfloat16 x bfloat16 -> float32 dot; 0/1 spikes are exact in float32.
+      q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     if n > d // self.num_heads:  # K^T V first: N d^2 work instead of N^2 d (the ImageNet reference's order).
       with jax.named_scope('kv'):
         kv = jnp.einsum('tbnhi,tbnhj->tbhij', k, v, **f32)

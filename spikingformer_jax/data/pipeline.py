@@ -102,7 +102,7 @@ def _npz(num_classes, default_dir=None):
     if not data_dir:
       raise sources.DataError('config.data.data_dir is empty: the npz source needs a folder with '
                               '<split>.npz files.')
-    return sources.load_npz_images(data_dir, split, num_classes or cfg.get('num_classes', None))
+    return sources.load_npz_images(data_dir, split, num_classes or cfg.get('num_classes', 0) or None)
   return open_npz
 
 

@@ -1,0 +1,135 @@
+"""The benchmark configs: reference hyperparameters, validation, full-size models, one real step each."""
+import json
+
+import jax
+import pytest
+
+from conftest import shared_path
+from experiments import cifar10, cifar10_dvs, cifar100, common, dvs128_gesture, imagenet, nmnist
+from spikingformer_jax import configs, models, train
+
+MODULES = {'imagenet': imagenet, 'cifar10': cifar10, 'cifar100': cifar100, 'cifar10_dvs': cifar10_dvs,
+           'dvs128_gesture': dvs128_gesture, 'nmnist': nmnist}
+
+# Dossier §1.1, written out here independently of the configs:
+# (lr, min_lr, warmup_lr, warmup_epochs, epochs, cooldown, weight_decay, batch, mixup, cutmix, prob, switch,
+#  off_epoch, smoothing, randaug, heads, T, seed)
+REFERENCE = {
+    'imagenet': (5e-4, 1e-5, 1e-6, 20, 300, 10, 0.05, 192, 0.8, 1.0, 1.0, 0.5, -1, 0.1, 'rand-m9-mstd0.5-inc1', 8,
+                 4, 42),
+    'cifar10': (5e-4, 1e-5, 1e-5, 20, 400, 10, 0.06, 64, 0.5, 0.0, 1.0, 0.5, 200, 0.1, 'rand-m9-n1-mstd0.4-inc1', 12,
+                4, 42),
+    'cifar100': (5e-4, 1e-5, 1e-5, 20, 400, 10, 0.06, 64, 0.5, 0.0, 1.0, 0.5, 200, 0.1, 'rand-m9-n1-mstd0.4-inc1', 8,
+                 4, 42),
+    'cifar10_dvs': (1e-3, 1e-5, 1e-5, 10, 96, 10, 0.06, 16, 0.5, 0.0, 0.5, 0.5, 75, 0.1, None, 16, 16, 2021),
+    'dvs128_gesture': (1e-3, 1e-5, 1e-5, 10, 192, 10, 0.06, 16, 0.5, 0.0, 0.5, 0.5, 75, 0.1, None, 16, 16, 2021),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REFERENCE))
+def test_configs_carry_the_reference_hyperparameters(name):
+  c = MODULES[name].get_config('')
+  got = (c.optim.lr, c.optim.min_lr, c.optim.warmup_lr, c.optim.warmup_epochs, c.num_epochs,
+         c.optim.cooldown_epochs, c.optim.weight_decay, c.batch_size, c.mixup.mixup_alpha, c.mixup.cutmix_alpha,
+         c.mixup.prob, c.mixup.switch_prob, c.mixup.off_epoch, c.label_smoothing, c.data.augment.get('randaug'),
+         c.model.overrides.num_heads, c.model.T, c.seed)
+  assert got == REFERENCE[name]
+  assert c.optim.per_epoch_schedule and c.optim.name == 'adamw' and c.optim.grad_clip == 0.0
+  assert (c.optim.b1, c.optim.b2, c.optim.eps) == (0.9, 0.999, 1e-8)
+  if name in ('imagenet', 'cifar10', 'cifar100'):
+    assert (c.data.augment.reprob, c.data.augment.hflip) == (0.25, 0.5)
+  else:
+    assert c.data.augment.snn_augment and c.data.augment.hflip == 0.5
+    assert c.data.T == c.model.T and c.data.split_by == 'number'
+
+
+def test_imagenet_batch_follows_the_logs_and_the_resolutions():
+  assert imagenet.get_config('variant=8-768').batch_size == 192  # 24/GPU x 8 (6,672 it/epoch)
+  assert imagenet.get_config('variant=8-512').batch_size == 288  # 36/GPU x 8 (4,448 it/epoch)
+  c = imagenet.get_config('')
+  assert (c.data.augment.image_size, c.data.augment.crop_pct, c.data.name) == (224, 1.0, 'imagenet2012')
+  assert cifar10.get_config('variant=4-256').model.overrides.num_heads == 8  # 256 is not divisible by 12
+  assert cifar10_dvs.get_config('T=10').data.T == 10 and dvs128_gesture.get_config('').model.num_classes == 11
+
+
+@pytest.mark.parametrize('name', sorted(MODULES))
+@pytest.mark.parametrize('family', common.FAMILIES)
+def test_every_config_and_family_validates(name, family):
+  for arg in (f'family={family}', f'family={family},runlocal'):
+    c = MODULES[name].get_config(arg)
+    configs.validate(c)
+    assert c.model.name.startswith(family + '-') and c.model.name in models.MODELS
+  if family == 'spikformer' and name == 'cifar10':
+    assert MODULES[name].get_config('family=spikformer').model.name == 'spikformer-cifar-4-384'
+
+
+def test_bad_arguments_and_values_are_rejected_with_the_field_named():
+  with pytest.raises(ValueError, match="Unknown config argument 'varient'"):
+    cifar10.get_config('varient=4-384')
+  with pytest.raises(ValueError, match=r"sizes for 'spikingformer': \['2-384', '4-256', '4-384'\]"):
+    cifar10.get_config('variant=8-768')
+  with pytest.raises(ValueError, match='family='):
+    imagenet.get_config('family=resnet')
+  with pytest.raises(ValueError, match=r"T='x': expected int"):
+    cifar10_dvs.get_config('T=x')
+  with pytest.raises(ValueError, match='expected a boolean'):
+    cifar10.get_config('runlocal=maybe')
+  c = cifar10.get_config('')
+  c.optim.lrr = 1e-3
+  with pytest.raises(configs.ConfigError, match="Unknown config key optim.'lrr'"):
+    configs.validate(c)
+  c = cifar10.get_config('')
+  c.optim.min_lr = 1.0
+  with pytest.raises(configs.ConfigError, match=r'config.optim.min_lr = 1.0: expected in \[0, optim.lr\]'):
+    configs.validate(c)
+
+
+# Dossier §2.7, "without LN" column (our blocks have no unused LayerNorms).
+@pytest.mark.parametrize('name,arg,params', [
+    ('imagenet', 'variant=8-768', 66_338_632), ('cifar10', 'variant=4-384', 9_320_122),
+    ('cifar100', 'variant=4-384', 9_354_772), ('cifar10_dvs', 'T=16', 2_566_666),
+    ('dvs128_gesture', 'T=16', 2_566_923)])
+def test_full_size_models_build_with_the_reference_parameter_counts(name, arg, params):
+  c = MODULES[name].get_config(arg)
+  overrides = dict(c.model.overrides)
+  assert models.param_count(c.model.name, num_classes=c.model.num_classes, T=c.model.T, **overrides) == params
+
+
+def _one_step(config, tmp_path):
+  config.total_steps = 1
+  config.data.max_eval_examples = 16
+  config.eval_batch_size = 16
+  summary = train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  return summary, records
+
+
+def test_runlocal_cifar10_takes_a_real_step_on_the_sample(tmp_path):
+  shared_path('data', 'cifar10', 'train.npz')
+  c = cifar10.get_config('runlocal')
+  assert c.data.name == 'cifar10_sample' and c.model.overrides.depth == 1
+  summary, records = _one_step(c, tmp_path)
+  assert summary['completed'] and summary['step'] == 1 and summary['final']['num_examples'] == 16
+  train_record = next(r for r in records if r['split'] == 'train')
+  # One step from a near-uniform head: the loss is close to ln(10) and finite.
+  assert abs(train_record['loss'] - 2.3026) < 0.3 and train_record['examples_per_sec'] > 0
+
+
+def test_runlocal_dvs_takes_a_real_step_on_the_event_standin(tmp_path):
+  shared_path('data', 'nmnist', 'train.npz')
+  c = cifar10_dvs.get_config('runlocal')
+  assert (c.data.name, c.data.T, c.model.T, c.model.name) == ('nmnist_sample', 4, 4, 'spikingformer-dvs-2-256')
+  summary, records = _one_step(c, tmp_path)
+  assert summary['completed'] and 0.0 <= summary['final']['top1'] <= 1.0
+  assert any(r['split'] == 'eval' for r in records)
+
+
+def test_runlocal_imagenet_reads_the_shared_sample_through_the_npz_source():
+  sample = shared_path('data', 'imagenet_sample', 'sample224.npz')
+  c = imagenet.get_config('runlocal')
+  assert c.data.name == 'npz'
+  from spikingformer_jax import data
+  info = data.dataset_info(c.data)
+  assert (info.num_classes, info.example_shape, info.num_train) == (1000, (64, 64, 3), 48)
+  import pathlib
+  assert (pathlib.Path(c.data.data_dir) / 'train.npz').resolve() == sample.resolve()

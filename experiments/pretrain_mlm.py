@@ -68,7 +68,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   c.metric = 'mlm_accuracy'
   c.checkpoint.every_steps = 2000
-  c.checkpoint.keep_best = False  # the trainer reports no held-out MLM metric yet
+  c.checkpoint.keep_best = True
 
   if runlocal:
     c.model.name = 'spikingformer-text-tiny'

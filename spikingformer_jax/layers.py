@@ -99,6 +99,61 @@ def max_pool(x):
   return _time_fold(lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
 
 
+def _conv3x3_xla(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """3x3, stride 1, zero padding 1 convolution of NHWC `x` with an HWIO `kernel` (same dtype).
+
+  The forward pass and d/dx are XLA's convolutions. d/dkernel is nine matmuls, one per kernel tap,
+  of the shifted input against the output gradient: XLA:CPU's own kernel gradient of a 3x3 conv
+  runs 2-3x slower than these matmuls (benchmarks/results/conv_grad.md).
+  """
+  return _conv3x3_xla(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel):
+  return _conv3x3_xla(x, kernel), (x, kernel)
+
+
+def _kernel_grad(x, g):
+  """sum over n, h, w of x_padded[n, h + i, w + j, :] outer g[n, h, w, :], for each tap (i, j).
+
+  Accumulates in float32: 0/1 spikes and bfloat16 gradients are exact there, and XLA:CPU has no
+  bfloat16 x bfloat16 -> float32 dot.
+  """
+  n, h, w, c_in = x.shape
+  padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  g_rows = g.astype(jnp.float32).reshape(n * h * w, g.shape[-1])
+  taps = [[padded[:, i:i + h, j:j + w, :].reshape(n * h * w, c_in).T @ g_rows for j in range(3)]
+          for i in range(3)]
+  return jnp.stack([jnp.stack(row) for row in taps])
+
+
+def _conv3x3_bwd(residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: _conv3x3_xla(x, kernel), x)
+  (grad_x,) = input_vjp(g)
+  return grad_x, _kernel_grad(x, g).astype(kernel.dtype)
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+  """`conv3x3` with a float32 HWIO `kernel` parameter (the name and shape `nn.Conv` would give it)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', conv_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+    return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class ConvBN(nn.Module):
   """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]`."""
   features: int
@@ -106,9 +161,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=conv_kernel_init, name='conv')
-    x = _time_fold(conv, x)
+    x = _time_fold(Conv3x3(self.features, self.dtype, name='conv'), x)
     return batch_norm(train, self.dtype, 'bn')(x)
 
 

@@ -20,6 +20,7 @@ loop on CPU (see BENCHMARKS.md), so `unroll=True` is the default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -82,8 +83,62 @@ def _run(x: jax.Array, cfg: LIFConfig, decay, decay_input: bool) -> jax.Array:
 
 
 def lif(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
-  """Multi-step LIF: spikes `[T, ...]` (0/1 in x's dtype) for the input current `x` `[T, ...]`."""
+  """Multi-step LIF: spikes `[T, ...]` (0/1 in x's dtype) for the input current `x` `[T, ...]`.
+
+  With `detach_reset` (the reference's setting) the gradient is a hand-written BPTT whose only
+  residual is `x`: autodiff through the scan would keep two `[T, ...]` tensors per neuron (H - V_th
+  and 1 - S) alive until the backward pass.
+  """
+  if cfg.detach_reset:
+    return _lif_bptt(x, cfg)
   return _run(x, cfg, 1.0 / cfg.tau, cfg.decay_input)
+
+
+def _membranes(x: jax.Array, cfg: LIFConfig):
+  """Spikes and H - V_th over time (no autodiff through this: `_lif_bptt` differentiates by hand)."""
+  if x.ndim < 1:
+    raise ValueError(f'Neuron input needs a leading time axis [T, ...], got shape {x.shape}.')
+  rest = 0.0 if cfg.v_reset is None else cfg.v_reset
+
+  def step(v, x_t):
+    h = _charge(v, x_t, 1.0 / cfg.tau, cfg.v_reset, cfg.decay_input)
+    margin = h - cfg.v_threshold
+    s = (margin >= 0).astype(x.dtype)  # As surrogates.spike, so the spikes are the same bits.
+    v = h - s * cfg.v_threshold if cfg.v_reset is None else h * (1.0 - s) + cfg.v_reset * s
+    return v, (s, margin)
+
+  _, (spikes, margins) = jax.lax.scan(step, jnp.full(x.shape[1:], rest, x.dtype), x, unroll=cfg.unroll)
+  return spikes, margins
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _lif_bptt(x: jax.Array, cfg: LIFConfig) -> jax.Array:
+  return _membranes(x, cfg)[0]
+
+
+def _lif_bptt_fwd(x, cfg):
+  return _lif_bptt(x, cfg), x
+
+
+def _lif_bptt_bwd(cfg, x, g):
+  """grad_H[t] = g[t] sg'(H[t] - V_th) + grad_V[t] dV/dH[t],  grad_V[t-1] = grad_H[t] (1 - 1/tau)."""
+  spikes, margins = _membranes(x, cfg)
+  grad_fn, default_alpha = get_surrogate(cfg.surrogate)
+  alpha = default_alpha if cfg.alpha is None else cfg.alpha
+  decay = 1.0 / cfg.tau
+
+  def step(grad_v, inputs):
+    g_t, s_t, margin_t = inputs
+    through_v = grad_v if cfg.v_reset is None else grad_v * (1.0 - s_t)
+    grad_h = g_t * grad_fn(margin_t, alpha).astype(g.dtype) + through_v
+    return grad_h * (1.0 - decay), grad_h * decay if cfg.decay_input else grad_h
+
+  _, grad_x = jax.lax.scan(step, jnp.zeros_like(g[0]), (g, spikes, margins), reverse=True,
+                           unroll=cfg.unroll)
+  return (grad_x,)
+
+
+_lif_bptt.defvjp(_lif_bptt_fwd, _lif_bptt_bwd)
 
 
 def if_neuron(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:

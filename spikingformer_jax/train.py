@@ -165,8 +165,10 @@ def make_train_step(ctx: StepContext):
 
 def make_eval_step(ctx: StepContext):
   def eval_step(state: State, batch: dict):
-    return ctx.model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
-                           *model_inputs(batch), train=False)
+    outputs = ctx.model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                              *model_inputs(batch), train=False)
+    # MLM: predicted ids instead of [B, L, vocab] logits, so the host gathers little.
+    return jnp.argmax(outputs, -1).astype(jnp.int32) if ctx.config.task == 'mlm' else outputs
   return eval_step
 
 
@@ -236,10 +238,13 @@ def evaluate(eval_fn, state, loader, mesh, config, info) -> dict:
     out = eval_fn(state, gbatch)
     outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float32))
     labels.append(np.asarray(multihost_utils.process_allgather(gbatch['label'], tiled=True)))
-    masks.append(np.asarray(multihost_utils.process_allgather(gbatch['mask'], tiled=True)))
+    mask = gbatch['mask']
+    if config.task == 'mlm':  # Masked positions of real examples.
+      mask = gbatch['mlm_weights'] * mask[:, None]
+    masks.append(np.asarray(multihost_utils.process_allgather(mask, tiled=True)))
   out, lab, mask = np.concatenate(outputs), np.concatenate(labels), np.concatenate(masks)
   if config.task == 'mlm':
-    return {}  # MLM is evaluated by its loss in training; no held-out metric beyond it here.
+    return {'mlm_accuracy': metrics.accuracy(out, lab, mask), 'num_masked_tokens': float(mask.sum())}
   result = {}
   if config.task == 'classification':
     logp = out - out.max(-1, keepdims=True)

@@ -1,12 +1,13 @@
 """The benchmark configs: reference hyperparameters, validation, full-size models, one real step each."""
 import json
+import pathlib
 
 import jax
 import pytest
 
 from conftest import shared_path
 from experiments import cifar10, cifar10_dvs, cifar100, common, dvs128_gesture, imagenet, nmnist
-from spikingformer_jax import configs, models, train
+from spikingformer_jax import configs, data, models, train
 
 MODULES = {'imagenet': imagenet, 'cifar10': cifar10, 'cifar100': cifar100, 'cifar10_dvs': cifar10_dvs,
            'dvs128_gesture': dvs128_gesture, 'nmnist': nmnist}
@@ -128,8 +129,6 @@ def test_runlocal_imagenet_reads_the_shared_sample_through_the_npz_source():
   sample = shared_path('data', 'imagenet_sample', 'sample224.npz')
   c = imagenet.get_config('runlocal')
   assert c.data.name == 'npz'
-  from spikingformer_jax import data
   info = data.dataset_info(c.data)
   assert (info.num_classes, info.example_shape, info.num_train) == (1000, (64, 64, 3), 48)
-  import pathlib
   assert (pathlib.Path(c.data.data_dir) / 'train.npz').resolve() == sample.resolve()

@@ -77,8 +77,8 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, *, steps: int = 20, batch: int 
                    eval_examples: int = 64) -> ml_collections.ConfigDict:
   """The runlocal overrides shared by the vision configs: a 1-block, 32-wide model and a few steps.
 
-  The schedule keeps its shape (warmup then cosine) compressed into `steps`; mixup stays on, so the
-  smoke run exercises the same code paths as the full recipe.
+  No warmup (there are only a few steps); the cosine spans about the run. Mixup, augmentation and
+  label smoothing stay as in the recipe, so the smoke run exercises the same code paths.
   """
   c.model.overrides.depth = 1
   c.model.overrides.embed_dim = 32

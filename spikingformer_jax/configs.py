@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64  # global, over all hosts and devices
   c.eval_batch_size = 256
   c.num_epochs = 10
-  c.total_steps = -1  # >0 overrides num_epochs (quick runs)
+  c.total_steps = -1  # >0 overrides num_epochs and sets the LR schedule's length (quick runs)
   c.grad_accum_steps = 1
 
   c.optim = ml_collections.ConfigDict()

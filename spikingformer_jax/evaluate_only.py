@@ -22,7 +22,7 @@ def run(config, workdir) -> dict:
     source = pathlib.Path(config.init_from)
   variables = checkpoint.load_variables(source)
   steps_per_epoch, _ = train.plan(config, info)
-  schedule = optim.make_schedule(config.optim, config.num_epochs, steps_per_epoch)
+  schedule = optim.make_schedule(config.optim, train.schedule_epochs(config, steps_per_epoch), steps_per_epoch)
   rng = jax.random.PRNGKey(config.seed)
   example = train.example_inputs(config, info)
   abstract_params = jax.eval_shape(lambda: model.init(rng, *example, train=False)['params'])

@@ -138,15 +138,22 @@ def last_throughput(workdir: pathlib.Path) -> float | None:
   return value
 
 
+def _completed_summary(path: pathlib.Path) -> dict | None:
+  if not path.is_file():
+    return None
+  summary = json.loads(path.read_text())
+  return summary if summary.get('completed') else None
+
+
 def run_benchmark(bench: Benchmark, budget: str, out: pathlib.Path, devices=None) -> dict:
   """Trains and evaluates one benchmark; never raises for missing data or a failed run (the row says)."""
   from spikingformer_jax import train  # noqa: PLC0415 (jax starts here, after flags)
   from spikingformer_jax.data import DataError  # noqa: PLC0415
 
   workdir = out / bench.name
-  row = {'benchmark': bench.name, 'title': bench.title, 'config': bench.config + (',runlocal' if budget == 'smoke'
-                                                                                    else ''),
-         'paper': bench.paper, 'paper_source': bench.paper_source, 'workdir': str(workdir)}
+  config_string = bench.config + (',runlocal' if budget == 'smoke' else '')
+  row = {'benchmark': bench.name, 'title': bench.title, 'config': config_string, 'paper': bench.paper,
+         'paper_source': bench.paper_source, 'workdir': str(workdir)}
   start = time.perf_counter()
   try:
     config = build_config(bench, budget)
@@ -154,9 +161,10 @@ def run_benchmark(bench: Benchmark, budget: str, out: pathlib.Path, devices=None
     summary_path = workdir / 'summary.json'
     if budget == 'smoke':
       shutil.rmtree(workdir, ignore_errors=True)  # a smoke run always starts fresh
-    elif summary_path.is_file() and json.loads(summary_path.read_text()).get('completed'):
-      summary, row['status'] = json.loads(summary_path.read_text()), 'ok (finished earlier)'
-    if 'status' not in row:
+    summary = _completed_summary(summary_path)
+    if summary is not None:
+      row['status'] = 'ok (finished earlier)'
+    else:
       with _mock_context(bench, budget):
         try:
           train.data_module(config).dataset_info(config.data)

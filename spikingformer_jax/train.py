@@ -292,6 +292,13 @@ def _progress(total, initial, enabled):
   return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
 
 
+def schedule_epochs(config, steps_per_epoch: int) -> float:
+  """The cosine's length in epochs: num_epochs, or the whole run when total_steps sets its length."""
+  if config.total_steps > 0:
+    return config.total_steps / steps_per_epoch
+  return config.num_epochs
+
+
 def plan(config, info) -> tuple[int, int]:
   """(steps per epoch, total steps); the schedule's cooldown epochs run after num_epochs."""
   steps_per_epoch = info.num_train // config.batch_size
@@ -332,7 +339,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
   info = dm.dataset_info(config.data)
   steps_per_epoch, total_steps = plan(config, info)
   model = build_model(config, info)
-  schedule = optim.make_schedule(config.optim, config.num_epochs, steps_per_epoch)
+  schedule = optim.make_schedule(config.optim, schedule_epochs(config, steps_per_epoch), steps_per_epoch)
   rng = jax.random.PRNGKey(config.seed)
   example = example_inputs(config, info)
   abstract_params = jax.eval_shape(lambda: model.init(rng, *example, train=False)['params'])

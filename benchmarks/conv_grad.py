@@ -2,8 +2,7 @@
 
 The CIFAR stem runs 3x3 convs on T*B = 64 images of 32x32 (half of the model's FLOPs). This times, side
 by side on the stage-2 shape (96 -> 192 channels), the forward conv, d/dx and d/dw in XLA and in PyTorch,
-and d/dw computed as nine shifted matmuls (`weight_grad_shifted_matmuls`), a candidate for a custom_vjp
-of `layers.ConvBN`'s conv.
+and d/dw of `layers.conv3x3` (the custom_vjp used by `layers.ConvBN`: nine shifted matmuls).
 
   /tmp/bench-venv/bin/python -m benchmarks.conv_grad     # writes benchmarks/results/conv_grad.md
 """
@@ -17,21 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from spikingformer_jax import layers
 
 SHAPE = (64, 32, 32, 96, 192)  # T*B, H, W, C_in, C_out
 
 
 def conv3x3(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def weight_grad_shifted_matmuls(x, g):
-  """dL/dw[i, j] = sum over pixels of x shifted by (i-1, j-1) (zero padded) outer g: nine big matmuls."""
-  n, h, w, c_in = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  g_flat = g.reshape(-1, g.shape[-1])
-  rows = [[padded[:, i:i + h, j:j + w, :].reshape(-1, c_in).T @ g_flat for j in range(3)] for i in range(3)]
-  return jnp.stack([jnp.stack(r) for r in rows])
 
 
 def run(args):
@@ -45,7 +36,7 @@ def run(args):
   g = forward(xj, kj)
   grad_x = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv3x3(x, k), x)[1](g)[0])
   grad_w = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv3x3(x, k), k)[1](g)[0])
-  grad_w_shifted = jax.jit(weight_grad_shifted_matmuls)
+  grad_w_shifted = jax.jit(lambda x, k, g: jax.vjp(lambda k: layers.conv3x3(x, k), k)[1](g)[0])
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
   kt = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous()
   gt = torch.from_numpy(np.array(g)).permute(0, 3, 1, 2).contiguous()
@@ -53,13 +44,13 @@ def run(args):
       'XLA forward': lambda: forward(xj, kj).block_until_ready(),
       'XLA d/dx': lambda: grad_x(xj, kj, g).block_until_ready(),
       'XLA d/dw': lambda: grad_w(xj, kj, g).block_until_ready(),
-      'JAX d/dw as 9 shifted matmuls (candidate)': lambda: grad_w_shifted(xj, g).block_until_ready(),
+      'layers.conv3x3 d/dw (9 shifted matmuls)': lambda: grad_w_shifted(xj, kj, g).block_until_ready(),
       'PyTorch forward': lambda: torch.nn.functional.conv2d(xt, kt, padding=1),
       'PyTorch d/dx': lambda: torch.nn.grad.conv2d_input(xt.shape, kt, gt, padding=1),
       'PyTorch d/dw': lambda: torch.nn.grad.conv2d_weight(xt, kt.shape, gt, padding=1),
   }
   reference = np.asarray(grad_w(xj, kj, g))
-  candidate_err = float(np.max(np.abs(np.asarray(grad_w_shifted(xj, g)) - reference)) / np.max(np.abs(reference)))
+  conv3x3_err = float(np.max(np.abs(np.asarray(grad_w_shifted(xj, kj, g)) - reference)) / np.max(np.abs(reference)))
   samples = {name: [] for name in calls}
   for _ in range(args.rounds):
     for name, call in calls.items():
@@ -71,8 +62,8 @@ def run(args):
            f'Command: `{common.command_line("benchmarks.conv_grad")}`', '']
   lines += common.machine_lines()
   lines += ['', f'Input {list(SHAPE[:4])} (0/1 spikes), kernel 3x3x{c_in}x{c_out}, float32, {gflop:.1f} GFLOP per '
-            f'op; {args.rounds} interleaved rounds x {args.calls} calls. Candidate vs XLA d/dw: max relative '
-            f'difference {candidate_err:.1e} (summation order).', '']
+            f'op; {args.rounds} interleaved rounds x {args.calls} calls. layers.conv3x3 vs XLA d/dw: max relative '
+            f'difference {conv3x3_err:.1e} (summation order).', '']
   lines += common.markdown_table(['op', 'median ms', 'min ms', 'GFLOP/s (median)'], rows)
   common.write_report(args.out, lines)
 

@@ -4,9 +4,11 @@ Every measurement runs in a fresh subprocess (`--worker ...`), so its peak RSS
 (`getrusage(RUSAGE_SELF).ru_maxrss`) is its own; the orchestrator runs the workers in interleaved rounds
 and takes medians, and measures a large float32 (and bfloat16) matmul's GFLOP/s in the same run.
 
-Rows: our fwd+bwd and full training step (AdamW via optax, BatchNorm statistics updated) in float32,
-with remat, in bfloat16, and with the candidate LIF of benchmarks/lif.py; the reference's training
-step (benchmarks/torch_reference.py with SpikingJelly's MultiStepLIFNode torch backend, AdamW).
+Rows: our full training step (AdamW via optax, BatchNorm statistics updated) in float32 as shipped
+(`layers.conv3x3`'s shifted-matmul kernel gradient, `neurons.lif`'s hand-written BPTT), the previous
+default (XLA's own conv gradient and autodiff through the LIF scan, patched back in), each change alone,
+with `jax.jit` init, with XLA:CPU flags, with remat, in bfloat16, fwd+bwd only; and the reference's
+training step (benchmarks/torch_reference.py with SpikingJelly's MultiStepLIFNode torch backend, AdamW).
 
   /tmp/bench-venv/bin/python -m benchmarks.model_step   # writes benchmarks/results/model_step.md
 """
@@ -43,20 +45,25 @@ def analytic_train_gflop_per_image(dim=384, depth=4, T=4, hw=32, mlp_ratio=4) ->
 # Workers (each runs in its own process and prints one JSON line).
 # ----------------------------------------------------------------------------------------------
 def jax_worker(args) -> dict:
+  import os
+  if args.xla_flags:  # Before jax starts its CPU client.
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   import jax
   import jax.numpy as jnp
   import optax
 
-  from spikingformer_jax import models, neurons
-  if args.lif == 'candidate':
-    from benchmarks import lif as lif_bench
-    neurons.lif = lambda x, cfg=neurons.LIFConfig(): lif_bench.lif_time_vjp(x, cfg, 'input')
+  from spikingformer_jax import layers, models, neurons
+  if args.lif == 'autodiff':  # The previous default: autodiff through the scan.
+    neurons.lif = lambda x, cfg=neurons.LIFConfig(): neurons._run(x, cfg, 1.0 / cfg.tau, cfg.decay_input)
+  if args.conv == 'xla':  # The previous default: XLA's own kernel gradient.
+    layers.conv3x3 = layers._conv3x3_xla
 
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
   model = models.get_model(MODEL, dtype=dtype, remat=args.remat)
   images = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
-  variables = models.init_variables(model, jax.random.PRNGKey(2), images[:1])
+  init = jax.jit(models.init_variables, static_argnums=0) if args.jit_init else models.init_variables
+  variables = init(model, jax.random.PRNGKey(2), images[:1])
   params, batch_stats = variables['params'], variables['batch_stats']
   tx = optax.adamw(5e-4, weight_decay=0.05)
   opt_state = tx.init(params)
@@ -136,14 +143,23 @@ ROWS = {
     # row name: worker arguments
     'JAX train step, float32': ['jax', '--mode', 'train'],
     'PyTorch reference train step (SpikingJelly torch LIF)': ['torch', '--mode', 'train', '--lif', 'spikingjelly'],
-    'JAX train step, float32, candidate LIF': ['jax', '--mode', 'train', '--lif', 'candidate'],
+    'JAX train step, float32, previous default (XLA conv grad, autodiff LIF)':
+        ['jax', '--mode', 'train', '--conv', 'xla', '--lif', 'autodiff'],
+    'JAX train step, float32, XLA conv grad only': ['jax', '--mode', 'train', '--conv', 'xla'],
+    'JAX train step, float32, autodiff LIF only': ['jax', '--mode', 'train', '--lif', 'autodiff'],
+    'JAX train step, float32, jit init': ['jax', '--mode', 'train', '--jit-init'],
+    'JAX train step, float32, --xla_cpu_use_thunk_runtime=false':
+        ['jax', '--mode', 'train', '--xla-flags=--xla_cpu_use_thunk_runtime=false'],
+    'JAX train step, float32, --xla_cpu_multi_thread_eigen=false':
+        ['jax', '--mode', 'train', '--xla-flags=--xla_cpu_multi_thread_eigen=false'],
     'JAX fwd+bwd, float32': ['jax', '--mode', 'fwdbwd'],
     'JAX train step, bfloat16': ['jax', '--mode', 'train', '--dtype', 'bfloat16'],
     'JAX train step, float32, remat': ['jax', '--mode', 'train', '--remat'],
 }
 REFERENCE_ROW = 'PyTorch reference train step (SpikingJelly torch LIF)'
 # Rows timed in every round; the others (slow or secondary) only in the first.
-EVERY_ROUND = ('JAX train step, float32', 'JAX train step, float32, candidate LIF', REFERENCE_ROW)
+EVERY_ROUND = ('JAX train step, float32', 'JAX train step, float32, previous default (XLA conv grad, autodiff LIF)',
+               REFERENCE_ROW)
 MAIN_ROW = 'JAX train step, float32'
 
 
@@ -241,7 +257,10 @@ def main():
   parser.add_argument('--mode', choices=['train', 'fwdbwd'], default='train')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
   parser.add_argument('--remat', action='store_true')
-  parser.add_argument('--lif', default='default', help="jax: 'default' | 'candidate'; torch: 'spikingjelly' | 'builtin'")
+  parser.add_argument('--lif', default='default', help="jax: 'default' | 'autodiff'; torch: 'spikingjelly' | 'builtin'")
+  parser.add_argument('--conv', choices=['custom', 'xla'], default='custom', help='jax: kernel gradient of the stem convs')
+  parser.add_argument('--jit-init', action='store_true', help='jax: jit models.init_variables')
+  parser.add_argument('--xla-flags', default='', help='jax: appended to XLA_FLAGS')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round (after one warm-up)')
   parser.add_argument('--rounds', type=int, default=2)

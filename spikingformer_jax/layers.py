@@ -122,15 +122,21 @@ def _conv3x3_fwd(x, kernel):
 def _kernel_grad(x, g):
   """sum over n, h, w of x_padded[n, h + i, w + j, :] outer g[n, h, w, :], for each tap (i, j).
 
-  Accumulates in float32: 0/1 spikes and bfloat16 gradients are exact there, and XLA:CPU has no
+  The taps run in a loop (`lax.map`) so only one shifted copy of `x` is alive at a time; unrolled,
+  XLA kept all nine (4.5x the temporary memory of XLA's own kernel gradient, no faster). Accumulates
+  in float32: 0/1 spikes and bfloat16 gradients are exact there, and XLA:CPU has no
   bfloat16 x bfloat16 -> float32 dot.
   """
   n, h, w, c_in = x.shape
   padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
   g_rows = g.astype(jnp.float32).reshape(n * h * w, g.shape[-1])
-  taps = [[padded[:, i:i + h, j:j + w, :].reshape(n * h * w, c_in).T @ g_rows for j in range(3)]
-          for i in range(3)]
-  return jnp.stack([jnp.stack(row) for row in taps])
+
+  def tap(offset):
+    shifted = jax.lax.dynamic_slice(padded, (0, offset[0], offset[1], 0), (n, h, w, c_in))
+    return shifted.reshape(n * h * w, c_in).T @ g_rows
+
+  offsets = jnp.array([(i, j) for i in range(3) for j in range(3)])
+  return jax.lax.map(tap, offsets).reshape(3, 3, c_in, g.shape[-1])
 
 
 def _conv3x3_bwd(residuals, g):
@@ -143,15 +149,26 @@ def _conv3x3_bwd(residuals, g):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-class Conv3x3(nn.Module):
-  """`conv3x3` with a float32 HWIO `kernel` parameter (the name and shape `nn.Conv` would give it)."""
-  features: int
-  dtype: Dtype = jnp.float32
+class Conv3x3(nn.Conv):
+  """`nn.Conv` fixed to 3x3, stride 1, padding 1, no bias, computed by `conv3x3`.
+
+  A subclass so that its parameter (`kernel`, HWIO, param_dtype) and its place among the model's
+  `nn.Conv` modules (method interceptors, checkpoints, the PyTorch converter) stay those of `nn.Conv`.
+  """
+  kernel_size: Sequence[int] = (3, 3)
+  padding: Any = ((1, 1), (1, 1))
+  use_bias: bool = False
+  kernel_init: Any = conv_kernel_init
 
   @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', conv_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-    return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+  def __call__(self, inputs):
+    fixed = dict(kernel_size=tuple(self.kernel_size), strides=self.strides, padding=self.padding,
+                 use_bias=self.use_bias)
+    if fixed != dict(kernel_size=(3, 3), strides=1, padding=((1, 1), (1, 1)), use_bias=False):
+      raise ValueError(f'Conv3x3 supports only its defaults (3x3, stride 1, padding 1, no bias); got {fixed}.')
+    kernel = self.param('kernel', self.kernel_init, (3, 3, inputs.shape[-1], self.features), self.param_dtype)
+    dtype = self.dtype or inputs.dtype
+    return conv3x3(inputs.astype(dtype), kernel.astype(dtype))
 
 
 class ConvBN(nn.Module):
@@ -161,7 +178,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = _time_fold(Conv3x3(self.features, self.dtype, name='conv'), x)
+    x = _time_fold(Conv3x3(self.features, dtype=self.dtype, param_dtype=jnp.float32, name='conv'), x)
     return batch_norm(train, self.dtype, 'bn')(x)
 
 

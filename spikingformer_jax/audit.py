@@ -12,6 +12,11 @@ A spike-driven network may still have two MACs: the layer that reads the (analog
 read-out head (a product no other product consumes). Spikingformer has exactly those two;
 Spikformer also multiplies its integer-valued residual stream in q/k/v and the first MLP layer.
 
+Text models (spikingformer-text-*): the embedding lookup is a gather and LayerNorm has no product,
+so neither is counted; the first block's LIF turns the float embedding into spikes, which leaves
+exactly one MAC, the head (classification / regression Dense, or the MLM logits). The 0/1
+attention mask is declared binary (flops.TEXT_BINARY_ARGNUMS), so the masked k and v stay spikes.
+
 CLI: python -m spikingformer_jax.audit --model=spikingformer-cifar-4-384 [--expect_spike_driven]
 """
 from __future__ import annotations
@@ -19,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import jax
+
 from spikingformer_jax import flops, models
+from spikingformer_jax.text import model as text_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +70,28 @@ class AuditReport:
 
 
 def audit(model, input_shape, model_name: str = '') -> AuditReport:
-  """Audits `model` for one input of shape `input_shape` (batch included), from shapes only."""
-  variables = models.abstract_variables(model, tuple(input_shape))
-  trace = flops.model_trace(model, variables, tuple(input_shape))
+  """Audits `model` for one input of shape `input_shape` (batch included), from shapes only.
+
+  For a text model `input_shape` is [batch, length] of its token inputs.
+  """
+  if isinstance(model, text_model.SpikingformerText):
+    batch, length = input_shape
+    variables = jax.eval_shape(lambda: text_model.init_variables(model, jax.random.PRNGKey(0), batch, length))
+    trace = flops.text_model_trace(model, variables, batch, length)
+  else:
+    variables = models.abstract_variables(model, tuple(input_shape))
+    trace = flops.model_trace(model, variables, tuple(input_shape))
   return AuditReport(model_name or type(model).__name__, trace.products)
 
 
+TEXT_AUDIT_LENGTH = 128  # tokens; the verdict does not depend on it (within the model's max_len)
+
+
 def audit_registered(name: str, **overrides) -> AuditReport:
-  """Audits a registered model (models.MODELS) at batch 1."""
+  """Audits a registered vision (models.MODELS) or text (text_model.TEXT_MODELS) model at batch 1."""
+  if name in text_model.TEXT_MODELS:
+    model = text_model.get_text_model(name, **overrides)
+    return audit(model, (1, min(TEXT_AUDIT_LENGTH, model.max_len)), name)
   spec = models.get_spec(name)
   return audit(spec.build(**overrides), (1,) + tuple(spec.input_shape), name)
 
@@ -84,7 +106,8 @@ def run(name: str, expect_spike_driven: bool) -> int:
 def _main():
   # Flags are defined only when run as a program, so that importing this module defines none.
   from absl import app, flags
-  model = flags.DEFINE_string('model', 'spikingformer-cifar-4-384', 'A registered model name.')
+  model = flags.DEFINE_string('model', 'spikingformer-cifar-4-384',
+                              'A registered model name (vision or spikingformer-text-*).')
   expect = flags.DEFINE_bool('expect_spike_driven', False,
                              'Exit with status 1 when a non-spike MAC other than the stem and head exists.')
 

@@ -118,7 +118,8 @@ def infer_architecture(state: dict) -> dict:
   head = state.get('head.weight')
   if head is not None and head.ndim == 2:
     found['num_classes'], found['embed_dim'] = map(int, head.shape)
-  hidden = state.get('block.0.mlp.mlp1_conv.weight', state.get('block.0.mlp.fc1_conv.weight'))
+  hidden = next((state[k] for k in ('block.0.mlp.mlp1_conv.weight', 'block.0.mlp.fc1_conv.weight',
+                                     'block.0.mlp.fc1_linear.weight') if k in state), None)
   if hidden is not None and 'embed_dim' in found:
     found['mlp_ratio'] = hidden.shape[0] / found['embed_dim']
   return found
@@ -131,6 +132,16 @@ def detect_tokenizer_layout(state: dict) -> str | None:
     return 'cifar'
   if 'patch_embed.proj1_conv.weight' in state:
     return 'imagenet'
+  return None
+
+
+def detect_spikformer_code(state: dict) -> str | None:
+  """Which Spikformer reference code wrote `state`: Linear q/k/v (cifar), Conv1d (dvs) or Conv2d (imagenet) MLP."""
+  if 'block.0.attn.q_linear.weight' in state:
+    return 'cifar'
+  fc1 = state.get('block.0.mlp.fc1_conv.weight')
+  if fc1 is not None and fc1.ndim in (3, 4):
+    return 'dvs' if fc1.ndim == 3 else 'imagenet'
   return None
 
 
@@ -168,9 +179,10 @@ def resolve_overrides(state: dict, variant: str, requested: dict) -> dict:
   if have is not None and have != want:
     raise ConversionError(f'The checkpoint has the {have} tokenizer (patch_embed key names) but {variant} has '
                           f'the {want} one; pick a {have} variant.')
-  if any('.attn.q_linear.' in k for k in state):
-    raise ConversionError('This is a CIFAR Spikformer checkpoint (Linear q/k/v layers with biases); our Spikformer '
-                          'follows the ImageNet code (bias-free Conv1d q/k/v), so it cannot hold these weights.')
+  want_code, have_code = torch_mapping.spikformer_code(model), detect_spikformer_code(state)
+  if want_code and have_code and have_code != want_code:
+    raise ConversionError(f'The checkpoint comes from the {have_code} Spikformer code (its q/k/v and MLP layers) but '
+                          f'{variant} follows the {want_code} one; pick a spikformer{"" if have_code == "imagenet" else "-" + have_code}-* variant.')
   return overrides
 
 
@@ -216,8 +228,11 @@ def weights_to_torch(weights_dir, out, *, variant: str | None = None, overwrite:
   if variant and variant != meta['model_name']:
     raise ConversionError(f'--variant={variant} but {weights_dir} holds {meta["model_name"]}.')
   model = weights.build_model_from_meta(meta)
-  state = torch_mapping.flax_to_torch(variables, model, with_unused_norms=True)
-  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+  height, width = models.get_spec(meta['model_name']).input_shape[-3:-1]
+  halvings = sum(model.pool)  # Each max-pool (kernel 3, stride 2, padding 1) rounds up.
+  num_tokens = -(-height // 2**halvings) * -(-width // 2**halvings)
+  state = torch_mapping.flax_to_torch(variables, model, with_unused_norms=True, num_tokens=num_tokens)
+  tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state.items()}  # 0-d counters stay 0-d.
   tmp = out.parent / f'.{out.name}.tmp'
   out.parent.mkdir(parents=True, exist_ok=True)
   try:

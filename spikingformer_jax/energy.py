@@ -13,6 +13,16 @@ the [T*B] batch), so "firing rate x T x FLOPs per step" of the paper is `rate x 
 rate is the mean operand value over all its elements (time steps included) and all examples.
 Constants: E_MAC = 4.6 pJ, E_AC = 0.9 pJ (45 nm, 32-bit float), as in the reference code.
 
+Text models (spikingformer-text-*, batches with input_ids / segment_ids / attention_mask):
+- the embedding lookup is a gather and LayerNorm has no product: neither is counted. The blocks'
+  dense and attention products read spikes (AC); the head is the one MAC.
+- padded tokens (attention_mask 0) do not count towards any rate: a spike operand of the blocks
+  ([T, B, N, ...]) and every LIF output is averaged over the real tokens only, and batches are
+  weighted by their number of real tokens. (Padded keys and values are zero anyway; padded queries
+  and the padded positions of the residual stream fire, but a deployment would not compute them.)
+- FLOPs are those of the whole padded sequence as the model runs it (as the vision models count
+  every pixel), so all batches must have one length: the CLI turns data.dynamic_padding off.
+
 CLI:
   python -m spikingformer_jax.energy --config=experiments/digits.py --checkpoint=DIR --batches=10 --out=DIR
 writes energy.json (per-layer table, per-block and total numbers, LIF firing rates) and energy.png.
@@ -83,8 +93,26 @@ class Measurement:
   num_examples: int
 
 
-def _lif_means(spikes) -> dict[str, jax.Array]:
-  """{'block_0/attn/q_lif': mean spike} from the sown 'spikes' collection."""
+def token_mean(value, token_mask) -> jax.Array:
+  """Mean of a [T, B, N, ...] value over the real tokens (token_mask [B, N] is 1) only."""
+  if value.ndim < 3 or value.shape[1:3] != token_mask.shape:
+    raise ValueError(f'A spike tensor of shape {value.shape} does not have the [T, B, N, ...] layout of the '
+                     f'text blocks for an attention mask of shape {token_mask.shape}.')
+  weights = token_mask.astype(jnp.float32).reshape((1,) + token_mask.shape + (1,) * (value.ndim - 3))
+  per_token = value.shape[0] * np.prod(value.shape[3:], dtype=np.int64)
+  return jnp.sum(value.astype(jnp.float32) * weights) / (jnp.maximum(jnp.sum(weights), 1.0) * per_token)
+
+
+def _token_operand_stats(token_mask):
+  """flops.OperandStats with spike (provably binary) operands averaged over real tokens only."""
+  def operand_stats(value, operand: flops.Operand) -> flops.OperandStats:
+    stats = flops.measure_operand(value, operand)
+    return stats._replace(mean=token_mean(value, token_mask)) if operand.binary else stats
+  return operand_stats
+
+
+def _lif_means(spikes, token_mask=None) -> dict[str, jax.Array]:
+  """{'block_0/attn/q_lif': mean spike} from the sown 'spikes' collection (real tokens only if masked)."""
   means = {}
   for path, value in jax.tree_util.tree_flatten_with_path(spikes)[0]:
     keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
@@ -92,66 +120,99 @@ def _lif_means(spikes) -> dict[str, jax.Array]:
       keys = keys[:-1]
     calls = [k.idx for k in path if isinstance(k, jax.tree_util.SequenceKey)]
     name = '/'.join(keys) + ''.join(f'#{i}' for i in calls if i)
-    means[name] = jnp.mean(value.astype(jnp.float32))
+    means[name] = (jnp.mean(value.astype(jnp.float32)) if token_mask is None else
+                   token_mean(value, token_mask))
   return means
 
 
-def _batch_stats_fn(model):
+TEXT_KEYS = ('input_ids', 'segment_ids', 'attention_mask')
+
+
+def _batch_stats_fn(model, text: bool):
   root = type(model).__name__
+  forward = flops.model_forward(model)
 
   @jax.jit
-  def batch_stats(variables, x):
-    (_, state), _, stats = flops.evaluate(flops.model_forward(model), variables, x, root=root)
-    return _lif_means(state.get(layers.SPIKES, {})), stats
+  def batch_stats(variables, *inputs):
+    if not text:
+      (_, state), _, stats = flops.evaluate(forward, variables, *inputs, root=root)
+      return _lif_means(state.get(layers.SPIKES, {})), stats
+    token_mask = inputs[2]
+    (_, state), _, stats = flops.evaluate(
+        forward, variables, *inputs, root=root, input_argnums=flops.TEXT_INPUT_ARGNUMS,
+        binary_argnums=flops.TEXT_BINARY_ARGNUMS, operand_stats=_token_operand_stats(token_mask))
+    return _lif_means(state.get(layers.SPIKES, {}), token_mask), stats
   return batch_stats
 
 
-def _batch_inputs(batch: Mapping[str, Any], index: int) -> np.ndarray:
-  if 'image' not in batch:
-    raise ValueError(f'Batch {index} has keys {sorted(batch)}; expected an "image" entry (and optionally "mask").')
-  images = np.asarray(batch['image'])
+def _batch_inputs(batch: Mapping[str, Any], index: int) -> tuple[np.ndarray, ...]:
+  """(images,) or (input_ids, segment_ids, attention_mask) of the real examples (batch['mask'] 1)."""
+  if 'image' in batch:
+    inputs = (np.asarray(batch['image']),)
+  elif all(k in batch for k in TEXT_KEYS):
+    inputs = tuple(np.asarray(batch[k]) for k in TEXT_KEYS)
+    if inputs[0].ndim != 2 or any(a.shape != inputs[0].shape for a in inputs[1:]):
+      raise ValueError(f'Batch {index}: {", ".join(f"{k} {a.shape}" for k, a in zip(TEXT_KEYS, inputs))} '
+                       'must all be [B, N].')
+    if not np.all((inputs[2] == 0) | (inputs[2] == 1)):
+      raise ValueError(f'Batch {index}: attention_mask must hold only 0 (padding) and 1 (real tokens).')
+  else:
+    raise ValueError(f'Batch {index} has keys {sorted(batch)}; expected an "image" entry or '
+                     f'{", ".join(TEXT_KEYS)} (and optionally "mask").')
   if 'mask' in batch:  # padded examples of the last batch do not count
     mask = np.asarray(batch['mask']).astype(bool)
-    if mask.shape != images.shape[:1]:
-      raise ValueError(f'Batch {index}: mask shape {mask.shape} does not match the batch of images {images.shape}.')
-    images = images[mask]
-  return images
+    if mask.shape != inputs[0].shape[:1]:
+      raise ValueError(f'Batch {index}: mask shape {mask.shape} does not match the batch of inputs '
+                       f'{inputs[0].shape}.')
+    inputs = tuple(a[mask] for a in inputs)
+  return inputs
 
 
 def measure(model, variables, batches: Iterable[Mapping[str, Any]]) -> Measurement:
-  """Runs inference over `batches` (dicts with 'image' and optional 'mask') and averages every rate."""
-  batch_stats = _batch_stats_fn(model)
-  traced = products = lif_sums = mean_sums = binary = None
-  count = 0
+  """Runs inference over `batches` (dicts with 'image', or a text model's TEXT_KEYS, and optional 'mask')
+  and averages every rate (text: spike rates over real tokens, see the module docstring)."""
+  traced = products = lif_sums = mean_sums = binary = batch_stats = None
+  text = False
+  count = tokens = 0
   for index, batch in enumerate(batches):
-    images = _batch_inputs(batch, index)
-    n = images.shape[0]
+    inputs = _batch_inputs(batch, index)
+    n = inputs[0].shape[0]
     if n == 0:
       continue
     if products is None:
-      traced = flops.model_trace(model, variables, (1,) + images.shape[1:], images.dtype)
-      products = traced.products
+      text = len(inputs) == 3
+      traced = (flops.text_model_trace(model, variables, 1, inputs[0].shape[1]) if text else
+                flops.model_trace(model, variables, (1,) + inputs[0].shape[1:], inputs[0].dtype))
+      products, first_shape = traced.products, inputs[0].shape[1:]
+      batch_stats = _batch_stats_fn(model, text)
       lif_sums = collections.defaultdict(float)
       mean_sums = [[0.0] * 2 for _ in products]
       binary = [[True] * 2 for _ in products]
-    lif, stats = jax.device_get(batch_stats(variables, jnp.asarray(images)))
+    if inputs[0].shape[1:] != first_shape:
+      raise ValueError(f'Batch {index} has examples of shape {inputs[0].shape[1:]}, the first {first_shape}: '
+                       'FLOPs are counted for one shape (text: set config.data.dynamic_padding = False).')
+    # Spike rates of a text model are per real token: such batches weigh by their real tokens.
+    n_tokens = int(inputs[2].sum()) if text else n
+    lif, stats = jax.device_get(batch_stats(variables, *map(jnp.asarray, inputs)))
     if len(stats) != len(products):
       raise RuntimeError(f'Traced {len(stats)} products at batch {n} but {len(products)} at batch 1.')
     for name, mean in lif.items():
-      lif_sums[name] += float(mean) * n
+      lif_sums[name] += float(mean) * n_tokens
     for p, product_stats in enumerate(stats):
       for o, operand in enumerate(product_stats):
         if operand is not None:
-          mean_sums[p][o] += float(operand.mean) * n
+          mean_sums[p][o] += float(operand.mean) * (n_tokens if products[p].operands[o].binary else n)
           binary[p][o] &= bool(operand.all_binary)
     count += n
+    tokens += n_tokens
   if not count:
     raise ValueError('No examples to measure: the batches were empty (or fully masked).')
-  means = tuple(tuple(s / count if o.from_input else None for s, o in zip(sums, p.operands))
+  means = tuple(tuple(s / (tokens if o.binary else count) if o.from_input else None
+                      for s, o in zip(sums, p.operands))
                 for sums, p in zip(mean_sums, products))
   flags = tuple(tuple(b if o.from_input else None for b, o in zip(bs, p.operands))
                 for bs, p in zip(binary, products))
-  lif_rates = {k: lif_sums[k] / count for k in sorted(lif_sums, key=traced.program_order)}
+  lif_rates = {k: lif_sums[k] / tokens for k in sorted(lif_sums, key=traced.program_order)}
   return Measurement(products, means, flags, lif_rates, count)
 
 
@@ -301,15 +362,17 @@ def write(report: Report, out_dir) -> tuple[pathlib.Path, pathlib.Path]:
 def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '', batch_size: int = 0,
         out_dir: str = '') -> Report:
   """The CLI's work: measure `num_batches` (<= 0: all) of a split and optionally write JSON + PNG."""
-  from spikingformer_jax import configs, data, models, train  # the trainer's plumbing is only needed here
+  from spikingformer_jax import configs, train  # the trainer's plumbing is only needed here
   configs.validate(config)
-  if train.is_text(config):
-    raise ValueError(f'config.model.name = {config.model.name!r}: the energy report supports the vision '
-                     'models (image or event-frame input).')
-  model = train.build_model(config, data.dataset_info(config.data))
+  text = train.is_text(config)
+  if text and config.data.get('dynamic_padding', False):
+    config = config.copy_and_resolve_references()
+    config.data.dynamic_padding = False  # one sequence length (data.max_len) for every batch
+  dm = train.data_module(config)
+  model = train.build_model(config, dm.dataset_info(config.data))
   split = split or config.data.eval_split
-  loader = data.make_loader(config.data, split, batch_size=batch_size or config.eval_batch_size, train=False,
-                            seed=0)
+  loader = dm.make_loader(config.data, split, batch_size=batch_size or config.eval_batch_size, train=False,
+                          seed=0)
   batches = iter(loader)
   if num_batches > 0:
     batches = itertools.islice(batches, num_batches)
@@ -320,9 +383,10 @@ def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '
     from spikingformer_jax import checkpoint
     variables = checkpoint.load_variables(checkpoint_path)
   else:
-    example = jnp.asarray(_batch_inputs(first, 0)[:1])
-    init = jax.jit(lambda rng, x: models.init_variables(model, rng, x))
-    variables = init(jax.random.PRNGKey(config.seed), example)
+    example = tuple(jnp.asarray(a[:1]) for a in _batch_inputs(first, 0))
+    init = jax.jit(lambda rng, inputs: model.init(rng, *inputs, train=False))
+    variables = {k: v for k, v in init(jax.random.PRNGKey(config.seed), example).items()
+                 if k in ('params', 'batch_stats')}
   report = energy_report(model, variables, itertools.chain([first], batches))
   print(report.table())
   if out_dir:
@@ -335,7 +399,8 @@ def _main():
   # Flags are defined only when run as a program, so that importing this module defines none.
   from absl import app, flags
   from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file('config', None, 'Experiment config file (e.g. experiments/digits.py).')
+  config = config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file (e.g. experiments/digits.py or experiments/glue.py:task=sst2).')
   checkpoint = flags.DEFINE_string('checkpoint', '', 'Checkpoint to load; empty: freshly initialised variables.')
   batches = flags.DEFINE_integer('batches', 10, 'Number of batches to average over; <= 0: the whole split.')
   split = flags.DEFINE_string('split', '', 'Dataset split; empty: config.data.eval_split.')

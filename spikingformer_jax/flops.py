@@ -17,8 +17,12 @@ inside its primal jaxpr, which the interpreter inlines). Binary-ness then surviv
 always hold a real element, padding with 0 or 1, products/max/min of binary values, and `select_n`
 between binary values. Anything else (a sum, a scale, a BatchNorm) is not binary.
 
+Inputs are not binary unless declared so (`binary_argnums`): a text model's 0/1 attention mask,
+which zeroes padded keys and values, must be declared, or the masked k and v would count as real.
+
 When evaluating (`evaluate`), the interpreter also returns, for every input-derived operand, its
-mean value and whether all its values were 0 or 1 in that batch: the measured firing rate.
+mean value and whether all its values were 0 or 1 in that batch: the measured firing rate
+(`operand_stats` replaces the plain mean, e.g. by a mean over real tokens only).
 """
 from __future__ import annotations
 
@@ -193,8 +197,9 @@ def _join(prefix: str, name: str) -> str:
 class _Walker:
   """Interprets a jaxpr. With values=None it only runs the static analysis (nothing is computed)."""
 
-  def __init__(self, root: str = ''):
+  def __init__(self, root: str = '', operand_stats: Optional[Callable] = None):
     self.root = root
+    self.operand_stats = operand_stats or measure_operand
     self.products: list[Product] = []
     self.stats: list[tuple[Optional[OperandStats], ...]] = []
     self._consumes: list[frozenset] = []  # per product: the products its operands depend on
@@ -285,13 +290,14 @@ class _Walker:
     index = len(self.products)
     upstream = frozenset().union(*(i.upstream for i in in_infos))
     self._consumes.append(upstream)
+    operands = tuple(Operand(tuple(v.aval.shape), i.from_input, i.binary) for v, i in zip(eqn.invars, in_infos))
     self.products.append(Product(
         index=index, location=location, primitive=eqn.primitive.name,
         macs=product_macs(eqn.primitive.name, lhs.aval.shape, rhs.aval.shape, out.aval.shape, eqn.params),
-        operands=tuple(Operand(tuple(v.aval.shape), i.from_input, i.binary) for v, i in zip(eqn.invars, in_infos)),
-        reads_input=any(i.from_input for i in in_infos) and not upstream))
+        operands=operands, reads_input=any(i.from_input for i in in_infos) and not upstream))
     if evaluate:
-      self.stats.append(tuple(_measure(v) if i.from_input else None for v, i in zip(in_vals, in_infos)))
+      self.stats.append(tuple(self.operand_stats(v, o) if o.from_input else None
+                              for v, o in zip(in_vals, operands)))
     return _Info(False, any(i.from_input for i in in_infos), upstream | {index})
 
   def finish(self) -> Trace:
@@ -301,50 +307,76 @@ class _Walker:
     return Trace(products, tuple(self.scopes))
 
 
-def _measure(value) -> OperandStats:
+def measure_operand(value, operand: Operand) -> OperandStats:
+  """The default operand statistics: the mean over all elements, and whether all are 0 or 1."""
+  del operand
   v = value.astype(jnp.float32)
   return OperandStats(jnp.mean(v), jnp.all((v == 0) | (v == 1)))
 
 
-def _flat_infos(args, input_argnums):
+def _flat_infos(args, input_argnums, binary_argnums):
   infos = []
   for i, arg in enumerate(args):
-    info = _Info(False, i in input_argnums, frozenset())
+    info = _Info(i in binary_argnums, i in input_argnums, frozenset())
     infos += [info] * len(jax.tree_util.tree_leaves(arg))
   return infos
 
 
-def _trace(fn, args, input_argnums, root, evaluate):
+def _trace(fn, args, input_argnums, root, evaluate, binary_argnums=(), operand_stats=None):
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-  walker = _Walker(root)
+  walker = _Walker(root, operand_stats)
   values = jax.tree_util.tree_leaves(args) if evaluate else None
-  outs, _ = walker.walk(closed.jaxpr, closed.consts, values, _flat_infos(args, input_argnums))
+  outs, _ = walker.walk(closed.jaxpr, closed.consts, values, _flat_infos(args, input_argnums, binary_argnums))
   outputs = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs) if evaluate else None
   return outputs, walker.finish(), walker.stats
 
 
-def trace(fn: Callable, *args, input_argnums: Sequence[int] = (1,), root: str = '') -> Trace:
+def trace(fn: Callable, *args, input_argnums: Sequence[int] = (1,), root: str = '',
+          binary_argnums: Sequence[int] = ()) -> Trace:
   """The products of `fn(*args)` from shapes alone (`args` may be `jax.ShapeDtypeStruct`s).
 
   `input_argnums` says which arguments are the model input (the rest are parameters); `root` is a
-  name-stack prefix to drop from locations (the top module's name).
+  name-stack prefix to drop from locations (the top module's name); `binary_argnums` are inputs
+  known to hold only 0 or 1 (an attention mask; the caller guarantees it).
   """
-  return _trace(fn, args, tuple(input_argnums), root, evaluate=False)[1]
+  return _trace(fn, args, tuple(input_argnums), root, False, tuple(binary_argnums))[1]
 
 
-def evaluate(fn: Callable, *args, input_argnums: Sequence[int] = (1,), root: str = ''
+def evaluate(fn: Callable, *args, input_argnums: Sequence[int] = (1,), root: str = '',
+             binary_argnums: Sequence[int] = (),
+             operand_stats: Callable[[jax.Array, Operand], OperandStats] = measure_operand
              ) -> tuple[Any, Trace, list[tuple[Optional[OperandStats], ...]]]:
   """Runs `fn(*args)` through the interpreter (jit it): (outputs, trace, per-product operand stats)."""
-  return _trace(fn, args, tuple(input_argnums), root, evaluate=True)
+  return _trace(fn, args, tuple(input_argnums), root, True, tuple(binary_argnums), operand_stats)
+
+
+# A text model's inputs (input_ids, segment_ids, attention_mask) are arguments 1-3 of `model_forward`;
+# the attention mask is 0/1 by contract.
+TEXT_INPUT_ARGNUMS = (1, 2, 3)
+TEXT_BINARY_ARGNUMS = (3,)
+
+
+def text_inputs(batch: int, length: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Shapes of a text model's (input_ids, segment_ids, attention_mask)."""
+  return (jax.ShapeDtypeStruct((batch, length), jnp.int32),) * 3
 
 
 def model_forward(model) -> Callable:
-  """(variables, x) -> (logits, {'spikes': ...}): inference with every LIF output sown."""
-  return lambda variables, x: model.apply(variables, x, train=False, mutable=[layers.SPIKES])
+  """(variables, *inputs) -> (outputs, {'spikes': ...}): inference with every LIF output sown."""
+  return lambda variables, *inputs: model.apply(variables, *inputs, train=False, mutable=[layers.SPIKES])
+
+
+def _abstract(variables):
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
 
 
 def model_trace(model, variables, input_shape: Sequence[int], dtype=jnp.float32) -> Trace:
   """The products of a Flax model's inference pass for one input shape (batch included), from shapes only."""
-  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
-  return trace(model_forward(model), abstract, jax.ShapeDtypeStruct(tuple(input_shape), dtype),
+  return trace(model_forward(model), _abstract(variables), jax.ShapeDtypeStruct(tuple(input_shape), dtype),
                root=type(model).__name__)
+
+
+def text_model_trace(model, variables, batch: int, length: int) -> Trace:
+  """The products of a text model's inference pass on [batch, length] tokens, from shapes only."""
+  return trace(model_forward(model), _abstract(variables), *text_inputs(batch, length),
+               input_argnums=TEXT_INPUT_ARGNUMS, binary_argnums=TEXT_BINARY_ARGNUMS, root=type(model).__name__)

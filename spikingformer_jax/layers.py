@@ -230,6 +230,7 @@ class SpikingSelfAttention(nn.Module):
   pre_activation=True (Spikingformer): LIF -> {q,k,v} Dense-BN-LIF -> attention -> Dense-BN.
   pre_activation=False (Spikformer): {q,k,v} Dense-BN-LIF on the stream -> attention -> Dense-BN-LIF.
   `mask` (`[B, N]`, 1 for real tokens) zeroes padded keys and values, which keeps them binary.
+  qkv_bias: biased q/k/v projections (the CIFAR Spikformer's nn.Linear layers); bias-free elsewhere.
   """
   dim: int
   num_heads: int
@@ -237,6 +238,7 @@ class SpikingSelfAttention(nn.Module):
   attn_threshold: float = 0.5
   scale: float = 0.125
   pre_activation: bool = True
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -249,7 +251,7 @@ class SpikingSelfAttention(nn.Module):
       x = LIF(self.lif, name='proj_lif')(x)
 
     def qkv(name):
-      y = ChannelDense(d, use_bias=False, dtype=self.dtype, name=f'{name}_conv')(x)
+      y = ChannelDense(d, use_bias=self.qkv_bias, dtype=self.dtype, name=f'{name}_conv')(x)
       y = _bn_masked(batch_norm(train, self.dtype, f'{name}_bn'), y, bn_mask)
       return LIF(self.lif, name=f'{name}_lif')(y)
 
@@ -314,12 +316,13 @@ class Block(nn.Module):
   lif: neurons.LIFConfig
   pre_activation: bool = True
   attn_scale: float = 0.125
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
     x = x + SpikingSelfAttention(self.dim, self.num_heads, self.lif, scale=self.attn_scale,
-                                 pre_activation=self.pre_activation, dtype=self.dtype,
+                                 pre_activation=self.pre_activation, qkv_bias=self.qkv_bias, dtype=self.dtype,
                                  name='attn')(x, train, mask)
     x = x + SpikingMLP(self.dim, int(self.dim * self.mlp_ratio), self.lif,
                        pre_activation=self.pre_activation, dtype=self.dtype, name='mlp')(x, train, mask)

@@ -34,6 +34,10 @@ class Spikingformer(nn.Module):
   style: str = 'spikingformer'  # 'spikingformer' | 'cml' | 'spikformer'
   lif: neurons.LIFConfig = neurons.LIFConfig()
   attn_scale: float = 0.125
+  qkv_bias: bool = False
+  # Which reference code a PyTorch checkpoint of this model comes from: 'imagenet' | 'cifar' | 'dvs'. The
+  # converter reads it for Spikformer, whose three codes name and shape the same tensors differently.
+  reference_code: str = 'imagenet'
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -48,7 +52,7 @@ class Spikingformer(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif,
                     pre_activation=self.style != 'spikformer', attn_scale=self.attn_scale,
-                    dtype=self.dtype, name=f'block_{i}')(x, train)
+                    qkv_bias=self.qkv_bias, dtype=self.dtype, name=f'block_{i}')(x, train)
     features = x.astype(jnp.float32).mean(axis=(0, 2))  # tokens, then time (both plain means).
     return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros,
@@ -107,7 +111,10 @@ def _registry() -> dict[str, ModelSpec]:
         spk_dvs = style == 'spikformer' and tag == 'dvs'
         kwargs = dict(num_classes=classes, embed_dim=dim, depth=depth, num_heads=heads(dim), T=T,
                       pool=pool, style=style, lif=neurons.LIFConfig(tau=2.0 if spk_dvs else tau),
-                      attn_scale=0.25 if spk_dvs else 0.125)
+                      attn_scale=0.25 if spk_dvs else 0.125, reference_code=tag or 'imagenet',
+                      # Spikformer's CIFAR code projects q/k/v with biased nn.Linear (ZK-Zhou/spikformer
+                      # cifar10/model.py); its ImageNet and DVS codes use bias-free Conv1d.
+                      qkv_bias=style == 'spikformer' and tag == 'cifar')
         specs[name] = ModelSpec(name, kwargs, shape)
   # A tiny CPU-sized model for the embedded default (8x8 digits) and for tests.
   specs['spikingformer-tiny'] = ModelSpec('spikingformer-tiny', dict(

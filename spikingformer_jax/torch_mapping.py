@@ -20,7 +20,9 @@ LAYOUTS = {
     'vector': (lambda w: w, lambda w: w),
 }
 IGNORED_SUFFIXES = ('num_batches_tracked',)
-IGNORED_MODULES = ('.norm1.', '.norm2.')  # The reference's unused LayerNorms.
+# The reference's unused LayerNorms, and the Spikformer DVS code's unused final LayerNorm and position embedding.
+IGNORED_MODULES = ('.norm1.', '.norm2.', '.norm.')
+IGNORED_KEYS = ('pos_embed',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,25 +62,38 @@ def _tokenizer_rules(layout: str) -> list[Rule]:
   return rules
 
 
-def _block_rules(i: int, spikformer: bool) -> list[Rule]:
+def spikformer_code(model) -> str | None:
+  """Which Spikformer reference code the model's checkpoints come from ('imagenet', 'cifar', 'dvs'); None otherwise.
+
+  The three codes differ in module names and tensor layouts only: ImageNet has Conv1d q/k/v/proj and a
+  Conv2d 1x1 MLP, DVS Conv1d everywhere, CIFAR nn.Linear everywhere (q/k/v with biases, `qkv_bias`).
+  """
+  if model.style != 'spikformer':
+    return None
+  if model.reference_code not in ('imagenet', 'cifar', 'dvs'):
+    raise ValueError(f"reference_code must be 'imagenet', 'cifar' or 'dvs', got {model.reference_code!r}.")
+  return model.reference_code
+
+
+def _block_rules(i: int, model) -> list[Rule]:
+  code = spikformer_code(model)
+  attn_kind, attn_layout = ('linear', 'linear') if code == 'cifar' else ('conv', 'conv1d')
+  mlp_kind, mlp_layout = {'cifar': ('linear', 'linear'), 'dvs': ('conv', 'conv1d')}.get(code, ('conv', 'conv2d_1x1'))
   rules = []
   pre = f'block.{i}'
   for name in ('q', 'k', 'v', 'proj'):
-    path = (f'block_{i}', 'attn')
-    rules.append(Rule(f'{pre}.attn.{name}_conv.weight', ('params',) + path + (f'{name}_conv', 'dense', 'kernel'),
-                      'conv1d'))
-    if name == 'proj':
-      rules.append(Rule(f'{pre}.attn.proj_conv.bias', ('params',) + path + ('proj_conv', 'dense', 'bias'),
-                        'vector'))
-    rules += _bn_rules(f'{pre}.attn.{name}_bn', path + (f'{name}_bn',))
+    path = ('params', f'block_{i}', 'attn', f'{name}_conv', 'dense')
+    rules.append(Rule(f'{pre}.attn.{name}_{attn_kind}.weight', path + ('kernel',), attn_layout))
+    if name == 'proj' or model.qkv_bias:
+      rules.append(Rule(f'{pre}.attn.{name}_{attn_kind}.bias', path + ('bias',), 'vector'))
+    rules += _bn_rules(f'{pre}.attn.{name}_bn', (f'block_{i}', 'attn', f'{name}_bn'))
   for j in (1, 2):
-    torch_name = f'fc{j}' if spikformer else f'mlp{j}'
-    path = (f'block_{i}', 'mlp')
-    rules.append(Rule(f'{pre}.mlp.{torch_name}_conv.weight', ('params',) + path + (f'mlp{j}_conv', 'dense', 'kernel'),
-                      'conv2d_1x1'))
-    rules.append(Rule(f'{pre}.mlp.{torch_name}_conv.bias', ('params',) + path + (f'mlp{j}_conv', 'dense', 'bias'),
-                      'vector'))
-    rules += _bn_rules(f'{pre}.mlp.{torch_name}_bn', path + (f'mlp{j}_bn',))
+    torch_name = f'fc{j}_{mlp_kind}' if code else f'mlp{j}_conv'
+    path = ('params', f'block_{i}', 'mlp', f'mlp{j}_conv', 'dense')
+    rules.append(Rule(f'{pre}.mlp.{torch_name}.weight', path + ('kernel',), mlp_layout))
+    rules.append(Rule(f'{pre}.mlp.{torch_name}.bias', path + ('bias',), 'vector'))
+    bn = f'fc{j}_bn' if code else f'mlp{j}_bn'
+    rules += _bn_rules(f'{pre}.mlp.{bn}', (f'block_{i}', 'mlp', f'mlp{j}_bn'))
   return rules
 
 
@@ -87,14 +102,14 @@ def rules_for(model) -> list[Rule]:
   layout = tokenizer_layout(model.style, model.pool)
   rules = _tokenizer_rules(layout)
   for i in range(model.depth):
-    rules += _block_rules(i, model.style == 'spikformer')
+    rules += _block_rules(i, model)
   rules += [Rule('head.weight', ('params', 'head', 'kernel'), 'linear'),
             Rule('head.bias', ('params', 'head', 'bias'), 'vector')]
   return rules
 
 
 def is_ignored(key: str) -> bool:
-  return key.endswith(IGNORED_SUFFIXES) or any(m in f'.{key}' for m in IGNORED_MODULES)
+  return key.endswith(IGNORED_SUFFIXES) or key in IGNORED_KEYS or any(m in f'.{key}' for m in IGNORED_MODULES)
 
 
 class MappingError(ValueError):
@@ -137,11 +152,13 @@ def torch_to_flax(state_dict: dict, model, expected_shapes: dict | None = None) 
   return traverse_util.unflatten_dict(flat)
 
 
-def flax_to_torch(variables: dict, model, with_unused_norms: bool = False) -> dict:
+def flax_to_torch(variables: dict, model, with_unused_norms: bool = False, num_tokens: int | None = None) -> dict:
   """Flax variables to a reference-named state_dict of NumPy arrays.
 
   The reference's unused LayerNorms are omitted unless `with_unused_norms`, which adds them as the
   identity (weight 1, bias 0) so that the reference model can `load_state_dict(..., strict=True)`.
+  The Spikformer DVS code also holds an unused final LayerNorm and a `pos_embed` of `num_tokens`
+  tokens (written as zeros; its values never reach the output).
   """
   flat = traverse_util.flatten_dict(dict(variables))
   rules = rules_for(model)
@@ -156,6 +173,12 @@ def flax_to_torch(variables: dict, model, with_unused_norms: bool = False) -> di
       for norm in ('norm1', 'norm2'):
         state[f'block.{i}.{norm}.weight'] = np.ones(model.embed_dim, np.float32)
         state[f'block.{i}.{norm}.bias'] = np.zeros(model.embed_dim, np.float32)
+    if spikformer_code(model) == 'dvs':
+      if num_tokens is None:
+        raise ValueError('The Spikformer DVS state_dict holds pos_embed [1, tokens, dim]: pass num_tokens.')
+      state['norm.weight'] = np.ones(model.embed_dim, np.float32)
+      state['norm.bias'] = np.zeros(model.embed_dim, np.float32)
+      state['pos_embed'] = np.zeros((1, num_tokens, model.embed_dim), np.float32)
   return state
 
 

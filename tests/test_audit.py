@@ -150,3 +150,34 @@ def test_cli_exit_status():
                            '--expect_spike_driven'], capture_output=True, text=True, timeout=120, env=env)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'NOT spike-driven' in result.stdout and 'block_0/attn/q_conv/dense' in result.stdout
+
+
+TEXT_SMALL = dict(depth=2, embed_dim=32, num_heads=4, vocab_size=50, max_len=32)
+
+
+@pytest.mark.parametrize('task, head', [('classification', 'head'), ('regression', 'head'), ('mlm', 'mlm_head')])
+def test_text_model_has_exactly_one_mac_the_head(task, head):
+  from spikingformer_jax.text import model as text_model
+  model = text_model.get_text_model('spikingformer-text-tiny', task=task, **TEXT_SMALL)
+  report = audit.audit(model, (1, 24))
+  # Embedding lookups are gathers and LayerNorm has no product: nothing but the head multiplies.
+  assert [(p.location, p.feeds_output) for p in report.macs] == [(head, True)]
+  assert report.spike_driven
+  assert len(report.products) == TEXT_SMALL['depth'] * 8 + 1
+  vocab_or_labels = TEXT_SMALL['vocab_size'] * 24 if task == 'mlm' else (1 if task == 'regression' else 2)
+  assert report.macs[0].macs == TEXT_SMALL['embed_dim'] * vocab_or_labels
+
+
+def test_text_attention_mask_must_be_declared_binary():
+  """The masked k, v (k * mask) stay spikes only because the 0/1 mask is declared binary."""
+  from spikingformer_jax.text import model as text_model
+  model = text_model.get_text_model('spikingformer-text-tiny', **TEXT_SMALL)
+  variables = jax.eval_shape(lambda: text_model.init_variables(model, jax.random.PRNGKey(0), 1, 24))
+  undeclared = flops.trace(flops.model_forward(model), variables, *flops.text_inputs(1, 24),
+                           input_argnums=flops.TEXT_INPUT_ARGNUMS, root=type(model).__name__)
+  macs = [p.location for p in undeclared.products if not p.spike_driven]
+  assert macs == ['block_0/attn/kv/tbnhi,tbnhj->tbhij', 'block_1/attn/kv/tbnhi,tbnhj->tbhij', 'head']
+
+
+def test_text_cli_verdict():
+  assert audit.run('spikingformer-text-tiny', expect_spike_driven=True) == 0

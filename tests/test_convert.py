@@ -123,6 +123,94 @@ def test_spikformer_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+def spikformer_reference_state(code, depth=1, dim=32, hidden=128, classes=5, tokens=4):
+  """A state_dict named and shaped like ZK-Zhou/spikformer's cifar10 ('cifar') or cifar10dvs ('dvs') model.
+
+  Written from the reference code's layer list, independently of torch_mapping. Values are random except
+  where a real checkpoint is fixed too: the unused LayerNorms stay at their init (1, 0), the unused DVS
+  pos_embed is zeros, and BatchNorm counters are 0 (our reverse direction writes a fresh counter).
+  """
+  rng = np.random.default_rng(3)
+  state = {}
+  tensor = lambda key, *shape: state.__setitem__(key, torch.from_numpy(rng.normal(size=shape).astype(np.float32)))
+
+  def bn(prefix, c):
+    for leaf in ('weight', 'bias', 'running_mean'):
+      tensor(f'{prefix}.{leaf}', c)
+    state[f'{prefix}.running_var'] = torch.from_numpy(rng.uniform(0.5, 2, size=c).astype(np.float32))
+    state[f'{prefix}.num_batches_tracked'] = torch.tensor(0)
+
+  widths = [3 if code == 'cifar' else 2, dim // 8, dim // 4, dim // 2, dim, dim]
+  names = ['proj_conv', 'proj_conv1', 'proj_conv2', 'proj_conv3', 'rpe_conv']
+  for k, name in enumerate(names):
+    tensor(f'patch_embed.{name}.weight', widths[k + 1], widths[k], 3, 3)
+    bn(f'patch_embed.{name.replace("conv", "bn")}', widths[k + 1])
+
+  def dense(key, cin, cout, bias):  # CIFAR: nn.Linear [out, in]; DVS: Conv1d [out, in, 1].
+    kind = 'linear' if code == 'cifar' else 'conv'
+    tensor(f'{key}_{kind}.weight', *((cout, cin) if code == 'cifar' else (cout, cin, 1)))
+    if bias:
+      tensor(f'{key}_{kind}.bias', cout)
+
+  for i in range(depth):
+    for name in ('q', 'k', 'v', 'proj'):
+      dense(f'block.{i}.attn.{name}', dim, dim, bias=code == 'cifar' or name == 'proj')
+      bn(f'block.{i}.attn.{name}_bn', dim)
+    dense(f'block.{i}.mlp.fc1', dim, hidden, bias=True)
+    bn(f'block.{i}.mlp.fc1_bn', hidden)
+    dense(f'block.{i}.mlp.fc2', hidden, dim, bias=True)
+    bn(f'block.{i}.mlp.fc2_bn', dim)
+    for norm in ('norm1', 'norm2'):
+      state[f'block.{i}.{norm}.weight'], state[f'block.{i}.{norm}.bias'] = torch.ones(dim), torch.zeros(dim)
+  if code == 'dvs':
+    state['pos_embed'] = torch.zeros(1, tokens, dim)
+    state['norm.weight'], state['norm.bias'] = torch.ones(dim), torch.zeros(dim)
+  tensor('head.weight', classes, dim)
+  tensor('head.bias', classes)
+  return state
+
+
+@pytest.mark.parametrize('code,variant', [('cifar', 'spikformer-cifar-4-384'), ('dvs', 'spikformer-dvs-2-256')])
+def test_reference_spikformer_state_dict_round_trip_is_exact(tmp_path, code, variant):
+  # DVS: 128x128 frames through four stride-2 pools -> 8x8 = 64 tokens (the reference's pos_embed).
+  state = spikformer_reference_state(code, tokens=64)
+  torch.save({'state_dict': state}, tmp_path / 'ref.pth')
+  meta = convert.torch_to_weights(tmp_path / 'ref.pth', variant, tmp_path / 'w', depth=1, embed_dim=32, num_heads=4)
+  assert meta['model_overrides'] == {'depth': 1, 'embed_dim': 32, 'num_heads': 4, 'num_classes': 5}
+  variables, _ = weights.load_weights(tmp_path / 'w')
+  q = variables['params']['block_0']['attn']['q_conv']['dense']
+  q_weight = state['block.0.attn.q_linear.weight' if code == 'cifar' else 'block.0.attn.q_conv.weight'].numpy()
+  np.testing.assert_array_equal(q['kernel'], q_weight.reshape(32, 32).T)  # y = x W^T + b
+  if code == 'cifar':
+    np.testing.assert_array_equal(q['bias'], state['block.0.attn.q_linear.bias'].numpy())
+  else:
+    assert 'bias' not in q
+  # The model runs with these weights.
+  model = weights.build_model_from_meta(meta)
+  x = np.random.default_rng(0).normal(size=(1,) + models.get_spec(variant).input_shape).astype(np.float32)
+  logits = model.apply(variables, x)
+  assert logits.shape == (1, 5) and np.all(np.isfinite(logits))
+
+  back = convert.weights_to_torch(tmp_path / 'w', tmp_path / 'back.pth')
+  assert back.keys() == state.keys()
+  for key, value in state.items():
+    np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+  reloaded = torch.load(tmp_path / 'back.pth', weights_only=True)['state_dict']
+  assert all(reloaded[k].shape == v.shape for k, v in state.items())
+
+
+def test_spikformer_checkpoint_of_another_reference_code_is_refused(tmp_path):
+  torch.save(spikformer_reference_state('cifar'), tmp_path / 'cifar.pth')
+  for variant in ('spikformer-8-384', 'spikformer-dvs-2-256'):
+    with pytest.raises(convert.ConversionError, match='cifar Spikformer code.*spikformer-cifar-'):
+      convert.torch_to_weights(tmp_path / 'cifar.pth', variant, tmp_path / 'w', depth=1, embed_dim=32, num_heads=4)
+  torch.save(spikformer_reference_state('dvs', tokens=64), tmp_path / 'dvs.pth')
+  with pytest.raises(convert.ConversionError, match='dvs Spikformer code.*spikformer-dvs-'):
+    convert.torch_to_weights(tmp_path / 'dvs.pth', 'spikformer-cifar-4-384', tmp_path / 'w', depth=1, embed_dim=32,
+                             num_heads=4)
+  assert not (tmp_path / 'w').exists()
+
+
 def test_timm_checkpoint_entries_and_layouts(tmp_path):
   """A real timm CheckpointSaver dict (argparse.Namespace args, optimizer state) loads with weights_only."""
   variables, state = random_torch_state('spikingformer-8-384', depth=1, embed_dim=32, num_heads=4)

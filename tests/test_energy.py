@@ -226,3 +226,119 @@ def test_cli_on_digits(tmp_path):
   assert all(0.0 <= r <= 1.0 for r in saved['lif_firing_rates'].values())
   assert len(saved['lif_firing_rates']) == 11  # 4 tokenizer LIFs + 7 in the one block
   assert (out / 'energy.png').stat().st_size > 1000
+
+
+# ---- text models ----------------------------------------------------------------------------------
+
+from spikingformer_jax.text import model as text_model  # noqa: E402
+
+TEXT = dict(depth=1, embed_dim=32, num_heads=4, vocab_size=40, max_len=16, T=2, num_labels=3)
+
+
+def lively_text_variables(model, gain=8.0, seed=0):
+  """As lively_variables, with random embeddings (BatchNorm and LayerNorm scales = gain)."""
+  shapes = jax.eval_shape(lambda: text_model.init_variables(model, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ('embedding', 'pos_embed'):
+      return rng.normal(size=leaf.shape).astype(np.float32)
+    if name == 'kernel':
+      return rng.uniform(-1, 1, leaf.shape).astype(np.float32) / np.sqrt(leaf.shape[0])
+    return np.full(leaf.shape, {'scale': gain, 'var': 1.0}.get(name, 0.0), np.float32)  # biases, shifts: 0
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def text_batch(ids, lengths, length, pad_rng):
+  """Right-padded batch of `length` tokens; padded positions hold random ids (they must not matter)."""
+  b = len(lengths)
+  input_ids = pad_rng.integers(1, TEXT['vocab_size'], (b, length)).astype(np.int32)
+  mask = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+  for i, n in enumerate(lengths):
+    input_ids[i, :n] = ids[i, :n]
+  return dict(input_ids=input_ids, segment_ids=np.zeros_like(input_ids), attention_mask=mask)
+
+
+def real_token_rate(spikes, mask):
+  """Mean of [T, B, N, D] spikes over the positions where mask [B, N] is 1."""
+  s = np.asarray(spikes, np.float64)
+  return float((s * mask[None, :, :, None]).sum() / (mask.sum() * s.shape[0] * s.shape[-1]))
+
+
+@pytest.fixture(scope='module')
+def text_measured():
+  model = text_model.get_text_model('spikingformer-text-tiny', **TEXT)
+  variables = lively_text_variables(model)
+  rng = np.random.default_rng(3)
+  ids = rng.integers(1, TEXT['vocab_size'], (5, 12)).astype(np.int32)
+  lengths = [12, 7, 3, 9, 5]
+  full = text_batch(ids, lengths, 12, np.random.default_rng(4))
+  # Two batches; the second also holds a padded example (mask 0) of garbage ids.
+  second = {k: np.concatenate([v[2:], v[:1]]) for k, v in full.items()}
+  second['mask'] = np.array([1, 1, 1, 0])
+  m = energy.measure(model, variables, [{k: v[:2] for k, v in full.items()}, second])
+  _, state = jax.jit(lambda v, *x: model.apply(v, *x, train=False, mutable=['spikes']))(
+      variables, full['input_ids'], full['segment_ids'], full['attention_mask'])
+  return model, variables, ids, lengths, m, jax.device_get(state['spikes']), full['attention_mask']
+
+
+def test_text_energy_equals_hand_computation(text_measured):
+  model, _, _, _, m, spikes, mask = text_measured
+  T, N, D, H, K = model.T, mask.shape[1], model.embed_dim, model.num_heads, model.num_labels
+  d = D // H
+  attn, mlp = spikes['block_0']['attn'], spikes['block_0']['mlp']
+  r = {name: real_token_rate(attn[f'{name}_lif']['out'][0], mask) for name in ('proj', 'q', 'k', 'v', 'attn')}
+  r1, r2 = (real_token_rate(mlp[f'mlp{i}_lif']['out'][0], mask) for i in (1, 2))
+  assert all(0.0 < x < 1.0 for x in (*r.values(), r1, r2)), 'every LIF must fire sometimes for this test to bite'
+  assert N > d  # K^T V first
+  sops = (3 * r['proj'] * T * N * D * D + (min(r['k'], r['v']) + r['q']) * T * H * N * d * d
+          + r['attn'] * T * N * D * D + r1 * T * N * D * 4 * D + r2 * T * N * 4 * D * D)
+  report = energy.report_from_measurement(m)
+  assert m.num_examples == 5
+  assert report.sops == pytest.approx(sops, rel=1e-5)
+  # No MAC for the embedding lookup or LayerNorm: the head is the only one.
+  assert [l.location for l in report.layers if l.spike_rate is None] == ['head']
+  assert report.macs == D * K
+  assert report.energy_mj == pytest.approx((E_MAC * D * K + E_AC * sops) * 1e-9, rel=1e-5)
+  assert report.lif_rates['block_0/attn/q_lif'] == pytest.approx(r['q'], rel=1e-5)
+  assert report.lif_rates['block_0/mlp/mlp2_lif'] == pytest.approx(r2, rel=1e-5)
+
+
+def test_text_padding_does_not_change_rates(text_measured):
+  model, variables, ids, lengths, m, spikes, mask = text_measured
+  # Padded positions fire at another rate than real ones, so counting them would change the rates.
+  lifs = jax.tree_util.tree_leaves(spikes)
+  assert max(abs(np.mean(s) - real_token_rate(s, mask)) for s in lifs) > 1e-3
+  # The same examples padded to 16 tokens with other ids, in one batch: the same rates.
+  longer = energy.measure(model, variables, [text_batch(ids, lengths, 16, np.random.default_rng(9))])
+  rates, longer_rates = energy.rates_from_measurement(m), energy.rates_from_measurement(longer)
+  assert set(rates) == set(longer_rates) and len(rates) > 7
+  for name, rate in rates.items():
+    assert longer_rates[name] == pytest.approx(rate, rel=1e-5, abs=1e-7), name
+
+
+def test_text_bad_inputs_are_rejected(text_measured):
+  model, variables, ids, lengths, _, _, _ = text_measured
+  batch = text_batch(ids, lengths, 12, np.random.default_rng(0))
+  with pytest.raises(ValueError, match='attention_mask must hold only 0'):
+    energy.measure(model, variables, [dict(batch, attention_mask=2 * batch['attention_mask'])])
+  with pytest.raises(ValueError, match='dynamic_padding'):
+    energy.measure(model, variables, [batch, text_batch(ids, lengths, 16, np.random.default_rng(0))])
+
+
+def test_text_config_energy_run(tmp_path):
+  from conftest import shared_path
+  shared_path('data', 'glue', 'SST-2')
+  import importlib.util
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location('glue_config', repo / 'experiments' / 'glue.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('task=sst2,runlocal')
+  report = energy.run(config, num_batches=1, batch_size=8, out_dir=str(tmp_path))
+  saved = json.loads((tmp_path / 'energy.json').read_text())
+  assert saved['num_examples'] == 8 == report.num_examples
+  assert [l['location'] for l in saved['layers'] if not l['spike_driven']] == ['head']
+  assert len(saved['lif_firing_rates']) == 7 * 2  # 7 LIFs in each of the 2 blocks
+  assert all(0.0 <= r <= 1.0 for r in saved['lif_firing_rates'].values())

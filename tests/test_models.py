@@ -24,9 +24,35 @@ EXACT_COUNTS = {
 @pytest.mark.parametrize('name', sorted(EXACT_COUNTS))
 def test_parameter_counts_equal_the_reference(name):
   assert models.param_count(name) == EXACT_COUNTS[name]
-  # The baselines have identical counts (SPS+RPE convs == the 5 tokenizer convs).
-  for family in ('spikformer', 'spikingformer-cml'):
-    assert models.param_count(name.replace('spikingformer', family, 1)) == EXACT_COUNTS[name]
+  # The baselines have identical counts (SPS+RPE convs == the 5 tokenizer convs), except that the CIFAR
+  # Spikformer's q/k/v Linears carry biases (3 * dim per block).
+  assert models.param_count(name.replace('spikingformer', 'spikingformer-cml', 1)) == EXACT_COUNTS[name]
+  spec = models.get_spec(name)
+  qkv_biases = 3 * spec.kwargs['embed_dim'] * spec.kwargs['depth'] if '-cifar-' in name else 0
+  assert models.param_count(name.replace('spikingformer', 'spikformer', 1)) == EXACT_COUNTS[name] + qkv_biases
+
+
+def reference_cifar_spikformer_count(depth, dim, classes, mlp_ratio=4):
+  """Parameters of ZK-Zhou/spikformer cifar10/model.py, layer by layer: (with, without) the unused LayerNorms."""
+  conv = lambda cin, cout: cin * cout * 9  # 3x3, bias=False
+  linear = lambda cin, cout: cin * cout + cout  # nn.Linear with bias
+  bn = lambda c: 2 * c  # weight and bias (running stats are buffers)
+  widths = [3, dim // 8, dim // 4, dim // 2, dim]
+  sps = sum(conv(a, b) + bn(b) for a, b in zip(widths, widths[1:])) + conv(dim, dim) + bn(dim)  # + rpe
+  hidden = int(dim * mlp_ratio)
+  ssa = 4 * (linear(dim, dim) + bn(dim))  # q, k, v, proj
+  mlp = linear(dim, hidden) + bn(hidden) + linear(hidden, dim) + bn(dim)
+  norms = 2 * 2 * dim  # norm1, norm2: LayerNorm weight and bias, never used in forward
+  with_norms = sps + depth * (ssa + mlp + norms) + linear(dim, classes)
+  return with_norms, with_norms - depth * norms
+
+
+def test_cifar_spikformer_count_equals_the_reference_code():
+  with_norms, without_norms = reference_cifar_spikformer_count(4, 384, 10)
+  assert round(without_norms / 1e6, 2) == 9.32  # The paper's 9.32M for Spikformer-4-384 on CIFAR-10.
+  assert models.param_count('spikformer-cifar-4-384') == without_norms
+  assert models.param_count('spikformer-cifar-2-384', num_classes=100) == reference_cifar_spikformer_count(2, 384,
+                                                                                                          100)[1]
 
 
 def test_class_count_overrides_match_reference_counts():

@@ -8,8 +8,7 @@ T, dtype, remat, ...).
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

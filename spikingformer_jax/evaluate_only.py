@@ -5,7 +5,7 @@ import pathlib
 
 import jax
 
-from spikingformer_jax import checkpoint, configs, optim, sharding, train
+from spikingformer_jax import checkpoint, configs, sharding, train
 
 
 def run(config, workdir) -> dict:
@@ -14,20 +14,14 @@ def run(config, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   dm = train.data_module(config)
   info = dm.dataset_info(config.data)
-  model = train.build_model(config, info)
   source = pathlib.Path(workdir) / 'checkpoints'
   if not source.is_dir() or not any(p.name.isdigit() for p in source.iterdir()):
     if not config.init_from:
       raise checkpoint.CheckpointError(f'--mode=eval: {workdir} has no checkpoints and config.init_from is empty.')
     source = pathlib.Path(config.init_from)
   variables = checkpoint.load_variables(source)
-  steps_per_epoch, _ = train.plan(config, info)
-  schedule = optim.make_schedule(config.optim, train.schedule_epochs(config, steps_per_epoch), steps_per_epoch)
+  ctx, example = train.make_context(config, info)
   rng = jax.random.PRNGKey(config.seed)
-  example = train.example_inputs(config, info)
-  abstract_params = jax.eval_shape(lambda: model.init(rng, *example, train=False)['params'])
-  ctx = train.StepContext(model, optim.make_optimizer(config.optim, schedule, abstract_params), config,
-                          steps_per_epoch, schedule)
   state, shardings = train.create_state(ctx, mesh, example, rng)
   fresh = {'params': state['params'], 'batch_stats': state['batch_stats']}
   merged, notes = train.merge_pretrained(fresh, variables)

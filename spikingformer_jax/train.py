@@ -310,6 +310,17 @@ def plan(config, info) -> tuple[int, int]:
   return steps_per_epoch, steps_per_epoch * (config.num_epochs + config.optim.cooldown_epochs)
 
 
+def make_context(config, info) -> tuple[StepContext, tuple]:
+  """The model, optimizer and schedule of `config` for dataset `info`, and an example input for init."""
+  steps_per_epoch, _ = plan(config, info)
+  model = build_model(config, info)
+  schedule = optim.make_schedule(config.optim, schedule_epochs(config, steps_per_epoch), steps_per_epoch)
+  example = example_inputs(config, info)
+  abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example, train=False)['params'])
+  tx = optim.make_optimizer(config.optim, schedule, abstract_params, config.freeze)
+  return StepContext(model, tx, config, steps_per_epoch, schedule), example
+
+
 def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, devices=None) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns the final summary.
 
@@ -338,13 +349,8 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
   dm = data_module(config)
   info = dm.dataset_info(config.data)
   steps_per_epoch, total_steps = plan(config, info)
-  model = build_model(config, info)
-  schedule = optim.make_schedule(config.optim, schedule_epochs(config, steps_per_epoch), steps_per_epoch)
+  ctx, example = make_context(config, info)
   rng = jax.random.PRNGKey(config.seed)
-  example = example_inputs(config, info)
-  abstract_params = jax.eval_shape(lambda: model.init(rng, *example, train=False)['params'])
-  tx = optim.make_optimizer(config.optim, schedule, abstract_params, config.freeze)
-  ctx = StepContext(model, tx, config, steps_per_epoch, schedule)
 
   manager = checkpoint.make_manager(workdir, config.checkpoint, config.metric)
   latest = manager.latest_step()

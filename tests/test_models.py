@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_path
-from spikingformer_jax import layers, models, torch_mapping
+from spikingformer_jax import models, torch_mapping
 
 # The reference doc's "without LN" column (§2.7), i.e. the reference counts minus the unused LayerNorms.
 EXACT_COUNTS = {
@@ -176,20 +176,6 @@ PARITY = [('ref_cifar_2-128.npz', 'spikingformer-cifar-4-384', dict(depth=2, emb
           ('ref_imagenet_1-64.npz', 'spikingformer-8-384', dict(depth=1, embed_dim=64, num_heads=8))]
 
 
-def reference_lif_name(path, layout):
-  """Our sown path ('tokenizer', 'lif2', 'out') -> the reference module name."""
-  if path[0] == 'tokenizer':
-    k = path[1][3:]
-    return f'patch_embed.proj{k}_lif' if layout == 'imagenet' else f'patch_embed.block{k}_lif'
-  block = path[0].split('_')[1]
-  return f'block.{block}.{path[1]}.{path[2]}'
-
-
-def to_reference_layout(spikes):
-  """Ours [T, B, H, W, C] / [T, B, N, C] -> the reference's [T, B, C, H, W] / [T, B, C, N]."""
-  return np.moveaxis(spikes, -1, 2)
-
-
 @pytest.mark.parametrize('filename,name,overrides', PARITY)
 def test_identical_spikes_and_logits_to_the_reference(filename, name, overrides):
   ref = np.load(shared_path('reference', 'parity', filename))
@@ -200,17 +186,15 @@ def test_identical_spikes_and_logits_to_the_reference(filename, name, overrides)
   variables = torch_mapping.torch_to_flax(state_dict, model, {k: v.shape for k, v in expected.items()})
   logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['spikes']))(variables, x)
   np.testing.assert_allclose(np.asarray(logits), ref['logits'], rtol=1e-5, atol=1e-5 * np.abs(ref['logits']).max())
-  layout = torch_mapping.tokenizer_layout(model.style, model.pool)
-  ours = {reference_lif_name(p, layout): np.asarray(v[0]) for p, v in traverse_util.flatten_dict(state['spikes']).items()}
+  names = torch_mapping.reference_lif_names(model)
+  ours = {names[p[:-1]]: np.asarray(v[0]) for p, v in traverse_util.flatten_dict(state['spikes']).items()}
   ref_names = [k[4:] for k in ref.files if k.startswith('spk/')]
   assert sorted(ours) == sorted(ref_names)
   total = 0
   for name_ in ref_names:
     shape = tuple(ref[f'shape/{name_}'])
     want = np.unpackbits(ref[f'spk/{name_}'])[:np.prod(shape)].reshape(shape)
-    got = to_reference_layout(ours[name_])
-    assert got.size == want.size, name_
-    got = got.reshape(want.shape)  # Tokens N = H*W row-major, as the reference's flatten(3).
+    got = torch_mapping.spikes_to_reference_layout(ours[name_], shape)
     np.testing.assert_array_equal(got.astype(np.uint8), want, err_msg=name_)
     total += want.size
   assert total > 100_000

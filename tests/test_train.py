@@ -41,15 +41,7 @@ def tiny_config(**changes):
 
 def _context(config, devices):
   from spikingformer_jax import data
-  info = data.dataset_info(config.data)
-  model = train.build_model(config, info)
-  steps_per_epoch, _ = train.plan(config, info)
-  schedule = optim.make_schedule(config.optim, config.num_epochs, steps_per_epoch)
-  example = train.example_inputs(config, info)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example, train=False)['params'])
-  ctx = train.StepContext(model, optim.make_optimizer(config.optim, schedule, params), config, steps_per_epoch,
-                          schedule)
-  return ctx, example
+  return train.make_context(config, data.dataset_info(config.data))
 
 
 def _one_step(config, devices, batch):

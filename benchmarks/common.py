@@ -94,9 +94,9 @@ def current_peak_rss_bytes() -> int:
   raise RuntimeError('No VmHWM line in /proc/self/status.')
 
 
-def run_worker(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
-  """Runs `python -m module args...` in a fresh process; it must print one JSON line last."""
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+def run_worker(module: str, args: Sequence[str], timeout: float = 1800, env: dict | None = None) -> dict:
+  """Runs `python -m module args...` in a fresh process (with `env` added); it prints one JSON line last."""
+  env = dict(os.environ, **(env or {}), PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   proc = subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, env=env,
                         timeout=timeout, cwd=REPO_ROOT)
   if proc.returncode != 0:

@@ -5,10 +5,11 @@ Every measurement runs in a fresh subprocess (`--worker ...`), so its peak RSS
 and takes medians, and measures a large float32 (and bfloat16) matmul's GFLOP/s in the same run.
 
 Rows: our full training step (AdamW via optax, BatchNorm statistics updated) in float32 as shipped
-(`layers.conv3x3`'s shifted-matmul kernel gradient, `neurons.lif`'s hand-written BPTT), the previous
-default (XLA's own conv gradient and autodiff through the LIF scan, patched back in), each change alone,
-with `jax.jit` init, with XLA:CPU flags, with remat, in bfloat16, fwd+bwd only; and the reference's
-training step (benchmarks/torch_reference.py with SpikingJelly's MultiStepLIFNode torch backend, AdamW).
+(`batchnorm.BatchNorm`'s one-tensor backward, `neurons.lif`'s hand-written BPTT, the XLA:CPU options of
+`cpu_runtime.CPU_FLAGS` that main.py applies), then with each of those undone (XLA's defaults, the default
+scheduler only, flax's BatchNorm, both: the previous release), with remat, in bfloat16, fwd+bwd only; and
+the reference's training step (benchmarks/torch_reference.py with SpikingJelly's MultiStepLIFNode torch
+backend, AdamW).
 
   /tmp/bench-venv/bin/python -m benchmarks.model_step   # writes benchmarks/results/model_step.md
 """
@@ -46,24 +47,27 @@ def analytic_train_gflop_per_image(dim=384, depth=4, T=4, hw=32, mlp_ratio=4) ->
 # ----------------------------------------------------------------------------------------------
 def jax_worker(args) -> dict:
   import os
-  if args.xla_flags:  # Before jax starts its CPU client.
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
+
+  from spikingformer_jax import cpu_runtime
+  # Before jax starts its CPU client: the command line's options (unless undone), then any extra flags.
+  flags = (args.xla_flags + ' ' + os.environ.get('XLA_FLAGS', '')).strip()
+  os.environ['XLA_FLAGS'] = flags if args.xla_defaults else cpu_runtime.merged(flags)  # merged: given flags win
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import optax
 
-  from spikingformer_jax import layers, models, neurons
-  if args.lif == 'autodiff':  # The previous default: autodiff through the scan.
-    neurons.lif = lambda x, cfg=neurons.LIFConfig(): neurons._run(x, cfg, 1.0 / cfg.tau, cfg.decay_input)
-  if args.conv == 'xla':  # The previous default: XLA's own kernel gradient.
-    layers.conv3x3 = layers._conv3x3_xla
+  from spikingformer_jax import layers, models
+  if args.flax_bn:  # flax's BatchNorm (autodiff backward), with PyTorch's momentum.
+    layers.batch_norm = lambda train, dtype, name: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
   model = models.get_model(MODEL, dtype=dtype, remat=args.remat)
   images = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
-  init = jax.jit(models.init_variables, static_argnums=0) if args.jit_init else models.init_variables
-  variables = init(model, jax.random.PRNGKey(2), images[:1])
+  variables = jax.jit(models.init_variables, static_argnums=0)(  # as train.py: jitted init
+      model, jax.random.PRNGKey(2), images[:1])
   params, batch_stats = variables['params'], variables['batch_stats']
   tx = optax.adamw(5e-4, weight_decay=0.05)
   opt_state = tx.init(params)
@@ -98,6 +102,7 @@ def jax_worker(args) -> dict:
   start = time.perf_counter()
   compiled = step.lower(*call_args).compile()
   compile_s = time.perf_counter() - start
+  cpu_runtime.release_freed_memory()  # as train.py does after its first step
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
@@ -129,8 +134,11 @@ def torch_worker(args) -> dict:
       optimizer.step()
     return loss.item()
 
+  run()  # warm-up, then the same heap hygiene as the JAX rows
+  from spikingformer_jax import cpu_runtime
+  cpu_runtime.release_freed_memory()
   common.reset_peak_rss()
-  _, samples = common.median_time(run, args.steps, warmup=1)
+  _, samples = common.median_time(run, args.steps, warmup=0)
   return dict(step_s=samples, compile_s=0.0, flops=float('nan'), peak_rss=common.peak_rss_bytes(),
               steps_peak_rss=common.current_peak_rss_bytes(), xla_bytes=float('nan'),
               threads=torch.get_num_threads())
@@ -139,27 +147,29 @@ def torch_worker(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Orchestrator.
 # ----------------------------------------------------------------------------------------------
+# Every worker runs with glibc's malloc on transparent huge pages, as launch/local.sh runs training
+# (GLIBC_TUNABLES, set at process start), unless its row says NO_HUGE_PAGES.
+HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+NO_HUGE_PAGES = '<no huge pages>'
 ROWS = {
     # row name: worker arguments
     'JAX train step, float32': ['jax', '--mode', 'train'],
     'PyTorch reference train step (SpikingJelly torch LIF)': ['torch', '--mode', 'train', '--lif', 'spikingjelly'],
-    'JAX train step, float32, previous default (XLA conv grad, autodiff LIF)':
-        ['jax', '--mode', 'train', '--conv', 'xla', '--lif', 'autodiff'],
-    'JAX train step, float32, XLA conv grad only': ['jax', '--mode', 'train', '--conv', 'xla'],
-    'JAX train step, float32, autodiff LIF only': ['jax', '--mode', 'train', '--lif', 'autodiff'],
-    'JAX train step, float32, jit init': ['jax', '--mode', 'train', '--jit-init'],
-    'JAX train step, float32, --xla_cpu_use_thunk_runtime=false':
-        ['jax', '--mode', 'train', '--xla-flags=--xla_cpu_use_thunk_runtime=false'],
-    'JAX train step, float32, --xla_cpu_multi_thread_eigen=false':
-        ['jax', '--mode', 'train', '--xla-flags=--xla_cpu_multi_thread_eigen=false'],
+    'JAX train step, float32, without huge-page malloc': ['jax', '--mode', 'train', NO_HUGE_PAGES],
+    'PyTorch reference train step, without huge-page malloc': ['torch', '--mode', 'train', NO_HUGE_PAGES],
+    'JAX train step, float32, XLA defaults (no CPU_FLAGS)': ['jax', '--mode', 'train', '--xla-defaults'],
+    'JAX train step, float32, default scheduler': [
+        'jax', '--mode', 'train', '--xla-flags=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT'],
+    'JAX train step, float32, flax BatchNorm': ['jax', '--mode', 'train', '--flax-bn'],
+    'JAX train step, float32, flax BatchNorm, XLA defaults (previous release)':
+        ['jax', '--mode', 'train', '--flax-bn', '--xla-defaults'],
     'JAX fwd+bwd, float32': ['jax', '--mode', 'fwdbwd'],
     'JAX train step, bfloat16': ['jax', '--mode', 'train', '--dtype', 'bfloat16'],
     'JAX train step, float32, remat': ['jax', '--mode', 'train', '--remat'],
 }
 REFERENCE_ROW = 'PyTorch reference train step (SpikingJelly torch LIF)'
 # Rows timed in every round; the others (slow or secondary) only in the first.
-EVERY_ROUND = ('JAX train step, float32', 'JAX train step, float32, previous default (XLA conv grad, autodiff LIF)',
-               REFERENCE_ROW)
+EVERY_ROUND = ('JAX train step, float32', REFERENCE_ROW)
 MAIN_ROW = 'JAX train step, float32'
 
 
@@ -185,9 +195,10 @@ def orchestrate(args):
     for name in args.rows:
       if r and (name not in EVERY_ROUND or name in failures):
         continue
-      worker_args = ROWS[name] + ['--batch', str(args.batch), '--steps', str(args.steps)]
+      worker_args = [a for a in ROWS[name] if a != NO_HUGE_PAGES] + ['--batch', str(args.batch), '--steps', str(args.steps)]
+      env = {} if NO_HUGE_PAGES in ROWS[name] else {'GLIBC_TUNABLES': HUGE_PAGES}
       try:
-        result = common.run_worker('benchmarks.model_step', ['--worker'] + worker_args)
+        result = common.run_worker('benchmarks.model_step', ['--worker'] + worker_args, env=env)
       except RuntimeError as e:  # Reported in the table (e.g. spikingjelly missing, an XLA:CPU limitation).
         failures[name] = str(e).strip().splitlines()[-1]
         print(f'{name} failed: {e}', flush=True)
@@ -257,10 +268,10 @@ def main():
   parser.add_argument('--mode', choices=['train', 'fwdbwd'], default='train')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
   parser.add_argument('--remat', action='store_true')
-  parser.add_argument('--lif', default='default', help="jax: 'default' | 'autodiff'; torch: 'spikingjelly' | 'builtin'")
-  parser.add_argument('--conv', choices=['custom', 'xla'], default='custom', help='jax: kernel gradient of the stem convs')
-  parser.add_argument('--jit-init', action='store_true', help='jax: jit models.init_variables')
-  parser.add_argument('--xla-flags', default='', help='jax: appended to XLA_FLAGS')
+  parser.add_argument('--lif', default='spikingjelly', help="torch: 'spikingjelly' | 'builtin'")
+  parser.add_argument('--flax-bn', action='store_true', help="jax: flax's BatchNorm instead of batchnorm.BatchNorm")
+  parser.add_argument('--xla-defaults', action='store_true', help='jax: without cpu_runtime.CPU_FLAGS')
+  parser.add_argument('--xla-flags', default='', help='jax: extra XLA_FLAGS (override CPU_FLAGS)')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--steps', type=int, default=3, help='timed steps per round (after one warm-up)')
   parser.add_argument('--rounds', type=int, default=2)

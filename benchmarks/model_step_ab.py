@@ -1,32 +1,41 @@
-"""Paired A/B of the CIFAR 4-384 training step in ONE process: shipped default vs the previous default.
+"""Paired A/B of the CIFAR 4-384 training step in ONE process: batchnorm.BatchNorm vs flax's BatchNorm.
 
-On the shared 2-core machine whole-process timings of model_step.py swing 2x between rounds; here both
-steps are compiled in the same process and their calls alternate, so each pair sees the same load.
-Previous default = XLA's own conv kernel gradient and autodiff through the LIF scan (patched in at trace
-time). Prints per-pair step times and the median ratio.
+On the shared 2-core machine whole-process timings swing between rounds; here both steps are compiled in
+the same process (with the XLA:CPU options main.py applies) and their calls alternate, so each pair sees
+the same load. Prints per-pair step times, the median ratio, and each step's XLA temporary memory.
 
   /tmp/bench-venv/bin/python -m benchmarks.model_step_ab --pairs 4
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
+from spikingformer_jax import cpu_runtime
 
-from spikingformer_jax import layers, models, neurons
+os.environ['XLA_FLAGS'] = cpu_runtime.merged(os.environ.get('XLA_FLAGS', ''))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from spikingformer_jax import layers, models  # noqa: E402
 
 MODEL = 'spikingformer-cifar-4-384'
+
+
+def flax_batch_norm(train, dtype, name):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
 def compiled_train_step(batch: int):
   model = models.get_model(MODEL)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
-  variables = models.init_variables(model, jax.random.PRNGKey(2), images[:1])
+  variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])
   tx = optax.adamw(5e-4, weight_decay=0.05)
 
   def train_step(params, opt_state, batch_stats):
@@ -47,12 +56,11 @@ def main():
   parser.add_argument('--pairs', type=int, default=4)
   parser.add_argument('--batch', type=int, default=16)
   args = parser.parse_args()
-  steps = {'shipped': compiled_train_step(args.batch)}
-  shipped_lif, shipped_conv = neurons.lif, layers.conv3x3
-  neurons.lif = lambda x, cfg=neurons.LIFConfig(): neurons._run(x, cfg, 1.0 / cfg.tau, cfg.decay_input)
-  layers.conv3x3 = layers._conv3x3_xla
-  steps['previous'] = compiled_train_step(args.batch)
-  neurons.lif, layers.conv3x3 = shipped_lif, shipped_conv
+  steps = {'batchnorm.BatchNorm': compiled_train_step(args.batch)}
+  shipped = layers.batch_norm
+  layers.batch_norm = flax_batch_norm
+  steps['flax BatchNorm'] = compiled_train_step(args.batch)
+  layers.batch_norm = shipped
   times = {name: [] for name in steps}
   for i in range(args.pairs + 1):  # The first pair warms up.
     for name, (step, state) in (steps.items() if i % 2 else reversed(steps.items())):
@@ -60,10 +68,11 @@ def main():
       jax.block_until_ready(step(*state))
       if i:
         times[name].append(time.perf_counter() - start)
-  ratios = [p / s for p, s in zip(times['previous'], times['shipped'])]
-  for name, t in times.items():
-    print(f'{name}: ' + ', '.join(f'{x:.2f}' for x in t) + f' s (median {statistics.median(t):.2f})')
-  print(f'previous / shipped step time per pair: ' + ', '.join(f'{r:.2f}' for r in ratios)
+  for name, (step, _) in steps.items():
+    print(f'{name}: ' + ', '.join(f'{x:.2f}' for x in times[name]) + f' s (median {statistics.median(times[name]):.2f}); '
+          f'XLA temp {step.memory_analysis().temp_size_in_bytes / 1e9:.2f} GB')
+  ratios = [f / s for f, s in zip(times['flax BatchNorm'], times['batchnorm.BatchNorm'])]
+  print('flax / ours step time per pair: ' + ', '.join(f'{r:.2f}' for r in ratios)
         + f' (median {statistics.median(ratios):.2f}x)')
 
 

@@ -8,6 +8,9 @@
 # --python=PATH picks the interpreter (default: $PYTHON, else python3). Every other argument goes to
 # `python -m spikingformer_jax.main` unchanged; --config and --workdir are required. The run resumes
 # from the workdir's checkpoint when there is one, and writes <workdir>/summary.json when it ends.
+# On the CPU, glibc's malloc is told to back its large blocks with transparent huge pages
+# (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): XLA allocates a fresh temporary buffer every step, and faulting
+# it in 4 KiB pages costs ~8% of a CIFAR training step (BENCHMARKS.md).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,4 +47,7 @@ fi
 command -v "$python" >/dev/null 2>&1 || die "python interpreter '$python' not found (set PYTHON or --python=)."
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+fi
 exec "${cmd[@]}"

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spikingformer_jax import neurons
+from spikingformer_jax.batchnorm import BatchNorm
 
 Dtype = Any
 SPIKES = 'spikes'
@@ -45,10 +46,9 @@ def bias_init(fan_in: int):
   return init
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str) -> BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), float32 statistics and params."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 class ChannelDense(nn.Module):
@@ -99,78 +99,6 @@ def max_pool(x):
   return _time_fold(lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
 
 
-def _conv3x3_xla(x, kernel):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3, stride 1, zero padding 1 convolution of NHWC `x` with an HWIO `kernel` (same dtype).
-
-  The forward pass and d/dx are XLA's convolutions. d/dkernel is nine matmuls, one per kernel tap,
-  of the shifted input against the output gradient: XLA:CPU's own kernel gradient of a 3x3 conv
-  runs 2-3x slower than these matmuls (benchmarks/results/conv_grad.md).
-  """
-  return _conv3x3_xla(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-  return _conv3x3_xla(x, kernel), (x, kernel)
-
-
-def _kernel_grad(x, g):
-  """sum over n, h, w of x_padded[n, h + i, w + j, :] outer g[n, h, w, :], for each tap (i, j).
-
-  The taps run in a loop (`lax.map`) so only one shifted copy of `x` is alive at a time; unrolled,
-  XLA kept all nine (4.5x the temporary memory of XLA's own kernel gradient, no faster). Accumulates
-  in float32: 0/1 spikes and bfloat16 gradients are exact there, and XLA:CPU has no
-  bfloat16 x bfloat16 -> float32 dot.
-  """
-  n, h, w, c_in = x.shape
-  padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  g_rows = g.astype(jnp.float32).reshape(n * h * w, g.shape[-1])
-
-  def tap(offset):
-    shifted = jax.lax.dynamic_slice(padded, (0, offset[0], offset[1], 0), (n, h, w, c_in))
-    return shifted.reshape(n * h * w, c_in).T @ g_rows
-
-  offsets = jnp.array([(i, j) for i in range(3) for j in range(3)])
-  return jax.lax.map(tap, offsets).reshape(3, 3, c_in, g.shape[-1])
-
-
-def _conv3x3_bwd(residuals, g):
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv3x3_xla(x, kernel), x)
-  (grad_x,) = input_vjp(g)
-  return grad_x, _kernel_grad(x, g).astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-class Conv3x3(nn.Conv):
-  """`nn.Conv` fixed to 3x3, stride 1, padding 1, no bias, computed by `conv3x3`.
-
-  A subclass so that its parameter (`kernel`, HWIO, param_dtype) and its place among the model's
-  `nn.Conv` modules (method interceptors, checkpoints, the PyTorch converter) stay those of `nn.Conv`.
-  """
-  kernel_size: Sequence[int] = (3, 3)
-  padding: Any = ((1, 1), (1, 1))
-  use_bias: bool = False
-  kernel_init: Any = conv_kernel_init
-
-  @nn.compact
-  def __call__(self, inputs):
-    fixed = dict(kernel_size=tuple(self.kernel_size), strides=self.strides, padding=self.padding,
-                 use_bias=self.use_bias)
-    if fixed != dict(kernel_size=(3, 3), strides=1, padding=((1, 1), (1, 1)), use_bias=False):
-      raise ValueError(f'Conv3x3 supports only its defaults (3x3, stride 1, padding 1, no bias); got {fixed}.')
-    kernel = self.param('kernel', self.kernel_init, (3, 3, inputs.shape[-1], self.features), self.param_dtype)
-    dtype = self.dtype or inputs.dtype
-    return conv3x3(inputs.astype(dtype), kernel.astype(dtype))
-
-
 class ConvBN(nn.Module):
   """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]`."""
   features: int
@@ -178,7 +106,9 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = _time_fold(Conv3x3(self.features, dtype=self.dtype, param_dtype=jnp.float32, name='conv'), x)
+    conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                   param_dtype=jnp.float32, kernel_init=conv_kernel_init, name='conv')
+    x = _time_fold(conv, x)
     return batch_norm(train, self.dtype, 'bn')(x)
 
 
@@ -202,13 +132,13 @@ class SpikingTokenizer(nn.Module):
     widths = (d // 8, d // 4, d // 2, d, d)
     if self.style == 'spikformer':
       for k in range(4):
-        x = ConvBN(widths[k], self.dtype, name=f'stage{k}')(x, train)
+        x = ConvBN(widths[k], dtype=self.dtype, name=f'stage{k}')(x, train)
         x = LIF(self.lif, name=f'lif{k}')(x)
         if self.pool[k]:
           x = max_pool(x)
-      rpe = ConvBN(widths[4], self.dtype, name='stage4')(x, train)
+      rpe = ConvBN(widths[4], dtype=self.dtype, name='stage4')(x, train)
       return LIF(self.lif, name='lif4')(rpe) + x
-    x = ConvBN(widths[0], self.dtype, name='stage0')(x, train)
+    x = ConvBN(widths[0], dtype=self.dtype, name='stage0')(x, train)
     for k in range(1, 5):
       pool = self.pool[k - 1]
       if self.style == 'cml' and pool:
@@ -216,12 +146,8 @@ class SpikingTokenizer(nn.Module):
       x = LIF(self.lif, name=f'lif{k}')(x)
       if self.style == 'spikingformer' and pool:
         x = max_pool(x)
-      x = ConvBN(widths[k], self.dtype, name=f'stage{k}')(x, train)
+      x = ConvBN(widths[k], dtype=self.dtype, name=f'stage{k}')(x, train)
     return x
-
-
-def _bn_masked(bn: nn.BatchNorm, x, mask):
-  return bn(x) if mask is None else bn(x, mask=mask)
 
 
 class SpikingSelfAttention(nn.Module):
@@ -252,7 +178,7 @@ class SpikingSelfAttention(nn.Module):
 
     def qkv(name):
       y = ChannelDense(d, use_bias=self.qkv_bias, dtype=self.dtype, name=f'{name}_conv')(x)
-      y = _bn_masked(batch_norm(train, self.dtype, f'{name}_bn'), y, bn_mask)
+      y = batch_norm(train, self.dtype, f'{name}_bn')(y, bn_mask)
       return LIF(self.lif, name=f'{name}_lif')(y)
 
     q, k, v = qkv('q'), qkv('k'), qkv('v')
@@ -281,7 +207,7 @@ class SpikingSelfAttention(nn.Module):
     lif_attn = self.lif.replace(v_threshold=self.attn_threshold)
     y = LIF(lif_attn, name='attn_lif')(y)
     y = ChannelDense(d, use_bias=True, dtype=self.dtype, name='proj_conv')(y)
-    y = _bn_masked(batch_norm(train, self.dtype, 'proj_bn'), y, bn_mask)
+    y = batch_norm(train, self.dtype, 'proj_bn')(y, bn_mask)
     if not self.pre_activation:
       y = LIF(self.lif, name='proj_lif')(y)
     return y
@@ -302,7 +228,7 @@ class SpikingMLP(nn.Module):
       if self.pre_activation:
         x = LIF(self.lif, name=f'mlp{i}_lif')(x)
       x = ChannelDense(width, use_bias=True, dtype=self.dtype, name=f'mlp{i}_conv')(x)
-      x = _bn_masked(batch_norm(train, self.dtype, f'mlp{i}_bn'), x, bn_mask)
+      x = batch_norm(train, self.dtype, f'mlp{i}_bn')(x, bn_mask)
       if not self.pre_activation:
         x = LIF(self.lif, name=f'mlp{i}_lif')(x)
     return x

@@ -21,7 +21,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  from spikingformer_jax import evaluate_only, train  # noqa: PLC0415 (after flags: jax config)
+  from spikingformer_jax import cpu_runtime, evaluate_only, train  # noqa: PLC0415 (after flags: jax config)
+
+  cpu_runtime.apply_cpu_flags()
 
   config = FLAGS.config
   logging.info('Config:\n%s', config)

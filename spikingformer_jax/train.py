@@ -21,7 +21,7 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from spikingformer_jax import checkpoint, configs, data, metrics, mixup, models, optim, sharding
+from spikingformer_jax import checkpoint, configs, cpu_runtime, data, metrics, mixup, models, optim, sharding
 from spikingformer_jax.metric_writer import MetricWriter
 
 State = dict  # {'step', 'params', 'batch_stats', 'opt_state'}
@@ -393,6 +393,8 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
       batch = sharding.global_batch(next(train_iter), mesh)
       state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
       step += 1
+      if step == start_step + 1:  # train_fn compiled in that call; the compiler's heap is free now.
+        cpu_runtime.release_freed_memory()
       images_seen += config.batch_size
       if bar is not None:
         bar.update(1)
@@ -414,6 +416,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
       metrics_for_ckpt = None
       if eval_now:
         last_eval = evaluate(eval_fn, state, eval_loader(), mesh, config, info)
+        cpu_runtime.release_freed_memory()  # eval_fn compiled in the first evaluation; later calls free little
         writer.write(step, 'eval', last_eval)
         if config.metric in last_eval and last_eval[config.metric] >= best.get(config.metric, -np.inf):
           best = dict(last_eval, step=step)

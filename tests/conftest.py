@@ -2,9 +2,13 @@
 import os
 import pathlib
 
-# Must happen before jax is imported anywhere in the test session.
+# Must happen before jax starts its backends anywhere in the test session: 8 CPU devices, and the XLA:CPU
+# options the command line applies (spikingformer_jax/cpu_runtime.py).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+from spikingformer_jax import cpu_runtime  # noqa: E402
+
+cpu_runtime.apply_cpu_flags()
 
 import pytest  # noqa: E402
 

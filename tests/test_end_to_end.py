@@ -1,6 +1,5 @@
 """Real data end to end: small Spikingformers trained briefly on the CIFAR-10 and N-MNIST samples beat chance."""
 import jax
-import pytest
 
 from conftest import shared_path
 from spikingformer_jax import configs, train

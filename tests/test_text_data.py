@@ -220,8 +220,8 @@ def test_bad_config_errors(tmp_path):
 
 
 def test_tfds_records_map_to_examples(monkeypatch):
-  """The TFDS path's record mapping (keys, byte strings, label ids); a prepared TFDS GLUE is not available
-  offline, so `tfds.data_source` is replaced by an in-memory source with TFDS's glue/mnli feature names."""
+  """The TFDS path's record mapping for glue/mnli's feature names through an in-memory stand-in for
+  `tfds.data_source`, so it runs without ../shared; test_text_tfds_glue.py reads really prepared data."""
   import tensorflow_datasets as tfds
   records = [dict(premise=b'A man sleeps.', hypothesis=b'A person rests.', label=0, idx=0),
              dict(premise=b'A dog runs.', hypothesis=b'A cat sits.', label=2, idx=1)]

@@ -138,15 +138,20 @@ def read_glue_tsv(task_name: str, data_dir: str, split: str) -> Examples:
 
 
 def read_glue_tfds(task_name: str, data_dir: Optional[str], split: str) -> Examples:
-  """A prepared TFDS `glue/<task>` (ArrayRecord) via `tfds.data_source`: no TensorFlow needed."""
+  """A prepared TFDS `glue/<task>` (ArrayRecord) via `tfds.data_source`: no TensorFlow needed.
+
+  TFDS stores the examples shuffled; they are put back in file order (the `idx` feature, the row number
+  in the GLUE TSV), so both sources give the same examples in the same order.
+  """
   import tensorflow_datasets as tfds  # Imported lazily: only this source needs it.
   task = get_glue_task(task_name)
   source = tfds.data_source(f'glue/{task.name}', split=split, data_dir=data_dir or None)
-  decode = lambda v: v.decode('utf-8') if isinstance(v, bytes) else str(v)
-  records = [source[i] for i in range(len(source))]
+  # Stripped like the TSV reader's columns (GLUE's SST-2 sentences end with a space).
+  decode = lambda v: (v.decode('utf-8') if isinstance(v, bytes) else str(v)).strip()
+  records = sorted((source[i] for i in range(len(source))), key=lambda r: int(r['idx']))
   key_a, key_b = task.tfds_keys
   labels = np.asarray([r['label'] for r in records], np.float32 if task.num_classes == 1 else np.int32)
-  if task.num_classes > 1 and (labels < 0).any():
+  if (labels < 0).any():  # TFDS marks unlabelled examples with -1, also for the STS-B scores (in [0, 5])
     raise ValueError(f'glue/{task.name} split {split!r} has no labels (label -1): the GLUE test splits are '
                      'unlabelled; evaluate on a validation split.')
   return Examples([decode(r[key_a]) for r in records],

@@ -1,0 +1,47 @@
+"""cpu_runtime: XLA:CPU options merged with the user's XLA_FLAGS and read by XLA; freed heap returned to the OS."""
+import re
+
+import jax
+import jax.numpy as jnp
+
+from spikingformer_jax import cpu_runtime
+
+
+def test_merge_keeps_the_users_choices():
+  user = '--xla_force_host_platform_device_count=8 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT'
+  assert cpu_runtime.merged(user).split() == user.split() + ['--xla_cpu_experimental_ynn_fusion_type=-individual_convolution']
+  assert cpu_runtime.merged('') == ' '.join(cpu_runtime.CPU_FLAGS)
+
+
+def test_applied_in_this_session_and_convolutions_leave_ynnpack():
+  """conftest applies the flags as main.py does; then no convolution is compiled into a YNNPACK fusion."""
+  x, k = jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
+  environ = {}
+  assert cpu_runtime.apply_cpu_flags(environ) is False and not environ  # backends running: too late, says so
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  hlo = jax.jit(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))).lower(k).compile().as_text()
+  ynn_lines = [line for line in hlo.splitlines() if re.match(r'\s*%?ynn_fusion\S* = ', line)]
+  ynn_bodies = [_body(hlo, name) for line in ynn_lines for name in re.findall(r'calls=(%?[\w.\-]+)', line)]
+  assert 'convolution(' in hlo
+  assert not any('convolution(' in body for body in ynn_bodies), ynn_lines
+
+
+def _body(hlo: str, name: str) -> str:
+  match = re.search(r'^' + re.escape(name) + r' .*?^\}', hlo, re.M | re.S)
+  return match.group(0) if match else ''
+
+
+def _rss_bytes() -> int:
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmRSS:'))
+
+
+def test_release_freed_memory_returns_heap_holes_to_the_os():
+  """Freed blocks below live ones stay resident until malloc_trim gives their pages back."""
+  blocks = [b'x' * 65536 for _ in range(3000)]  # ~200 MB of heap (below glibc's mmap threshold)
+  keep = blocks[::50]  # live blocks pin the heap, so the automatic top-of-heap trim cannot free it
+  del blocks
+  before = _rss_bytes()
+  assert cpu_runtime.release_freed_memory()
+  assert before - _rss_bytes() > 100e6, (before, _rss_bytes())
+  assert len(keep) == 60

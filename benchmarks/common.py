@@ -107,6 +107,12 @@ def run_worker(module: str, args: Sequence[str], timeout: float = 1800, env: dic
   return json.loads(lines[-1])
 
 
+def flax_batch_norm(train: bool, dtype, name: str):
+  """flax's BatchNorm with PyTorch's momentum, for `layers.batch_norm`: the autodiff baseline of batchnorm.py."""
+  import flax.linen as nn  # noqa: PLC0415 (workers set XLA_FLAGS before jax starts)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
   out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   out += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]

@@ -52,15 +52,13 @@ def jax_worker(args) -> dict:
   # Before jax starts its CPU client: the command line's options (unless undone), then any extra flags.
   flags = (args.xla_flags + ' ' + os.environ.get('XLA_FLAGS', '')).strip()
   os.environ['XLA_FLAGS'] = flags if args.xla_defaults else cpu_runtime.merged(flags)  # merged: given flags win
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import optax
 
   from spikingformer_jax import layers, models
-  if args.flax_bn:  # flax's BatchNorm (autodiff backward), with PyTorch's momentum.
-    layers.batch_norm = lambda train, dtype, name: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+  if args.flax_bn:
+    layers.batch_norm = common.flax_batch_norm
 
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
   model = models.get_model(MODEL, dtype=dtype, remat=args.remat)

@@ -17,18 +17,14 @@ from spikingformer_jax import cpu_runtime
 
 os.environ['XLA_FLAGS'] = cpu_runtime.merged(os.environ.get('XLA_FLAGS', ''))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from spikingformer_jax import layers, models  # noqa: E402
 
 MODEL = 'spikingformer-cifar-4-384'
-
-
-def flax_batch_norm(train, dtype, name):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
 def compiled_train_step(batch: int):
@@ -58,7 +54,7 @@ def main():
   args = parser.parse_args()
   steps = {'batchnorm.BatchNorm': compiled_train_step(args.batch)}
   shipped = layers.batch_norm
-  layers.batch_norm = flax_batch_norm
+  layers.batch_norm = common.flax_batch_norm
   steps['flax BatchNorm'] = compiled_train_step(args.batch)
   layers.batch_norm = shipped
   times = {name: [] for name in steps}

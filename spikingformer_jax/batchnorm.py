@@ -57,12 +57,15 @@ def _stats_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64.
 
 
+def _normalize(x, mean, rstd, scale, bias):
+  """(x - mean) * rstd * scale + bias in the statistics' precision, returned in x's dtype."""
+  return ((x.astype(_stats_dtype(x)) - mean) * (rstd * scale) + bias).astype(x.dtype)
+
+
 def _forward(x, scale, bias, mask, epsilon):
-  x32 = x.astype(_stats_dtype(x))
-  mean, var, n = _moments(x32, mask)
+  mean, var, n = _moments(x.astype(_stats_dtype(x)), mask)
   rstd = jax.lax.rsqrt(var + epsilon)
-  y = ((x32 - mean) * (rstd * scale) + bias).astype(x.dtype)
-  return (y, mean, var, n), (x, scale, mask, mean, rstd, n)
+  return (_normalize(x, mean, rstd, scale, bias), mean, var, n), (x, scale, mask, mean, rstd, n)
 
 
 def _backward(epsilon, residuals, cotangents):
@@ -108,8 +111,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     x = x.astype(self.dtype or x.dtype)
     if self.use_running_average:
-      rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
-      return ((x.astype(jnp.float32) - ra_mean.value) * (rstd * scale) + bias).astype(x.dtype)
+      return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias)
     y, mean, var, n = batch_norm_train(x, scale, bias, mask, self.epsilon)
     if not self.is_initializing():
       unbiased = var * n / jnp.maximum(n - 1.0, 1.0)

@@ -2,9 +2,11 @@
 
 TFDS's own `Glue` builder (its configs, feature names, label encoding and TSV parser) prepares RTE
 (string labels), MNLI (3 classes, premise/hypothesis, matched/mismatched splits), STS-B (regression),
-CoLA (header-less TSV) and SST-2 (trailing spaces) as ArrayRecord from copies of the staged GLUE files.
-Only the download is replaced: the builder's download manager hands it the local copies instead of the
-GLUE zips. The prepared data is then read through the project's `data.source='tfds'` / 'auto' code path
+CoLA (header-less TSV), SST-2 (trailing spaces) and MRPC as ArrayRecord from copies of the staged GLUE
+files. Only the download is replaced: the builder's download manager hands it the local copies instead
+of the GLUE zips. TFDS builds MRPC not from GLUE's zip but from Microsoft's original files (one
+msr_paraphrase_train.txt that holds GLUE's train and dev rows, split by a list of dev sentence-id
+pairs); their columns are GLUE's, so they are rebuilt from the staged MRPC train and dev files. The prepared data is then read through the project's `data.source='tfds'` / 'auto' code path
 and must give exactly what the TSV path gives.
 """
 import numpy as np
@@ -17,19 +19,24 @@ from spikingformer_jax.text import data, glue
 tfds = pytest.importorskip('tensorflow_datasets')
 tfds_glue = pytest.importorskip('tensorflow_datasets.text.glue')
 
-TASKS = ('rte', 'mnli', 'stsb', 'cola', 'sst2')
+TASKS = ('rte', 'mnli', 'stsb', 'cola', 'sst2', 'mrpc')
 ROWS = 3000  # every staged file is cut to its first rows to keep the test fast
 EVAL_SPLITS = {'mnli': ('validation_matched', 'validation_mismatched')}
 
 
 class _LocalFiles:
-  """Stands in for the download manager: the 'extracted' GLUE zip is a local folder with <TaskDir>/*.tsv."""
+  """Stands in for the download manager: the 'extracted' GLUE zip is a local folder with <TaskDir>/*.tsv,
+  and MRPC's original files are <root>/MSR/<name>."""
 
   def __init__(self, root):
     self.root = str(root)
 
   def download_and_extract(self, url):
     return self.root
+
+  def download(self, urls):
+    return {key: f'{self.root}/MSR/{url.split("/")[-1].split("?")[0].replace("data%2F", "")}'
+            for key, url in urls.items()}
 
 
 class Glue(tfds_glue.Glue, skip_registration=True):
@@ -49,6 +56,8 @@ def _glue_zip_files(task):
   if task == 'mnli':
     return {'train.tsv': 'train.tsv', 'dev_matched.tsv': 'dev.tsv', 'dev_mismatched.tsv': 'dev.tsv',
             'test_matched.tsv': 'dev.tsv', 'test_mismatched.tsv': 'dev.tsv'}
+  if task == 'mrpc':  # TFDS reads the MSR files (_write_msr_files); these are for the TSV path
+    return {'train.tsv': 'train.tsv', 'dev.tsv': 'dev.tsv'}
   return {'train.tsv': 'train.tsv', 'dev.tsv': 'dev.tsv', 'test.tsv': 'dev.tsv'}
 
 
@@ -64,6 +73,21 @@ def _glue_file(lines, task, unlabelled):
   return ''.join('\t'.join(r) + '\n' for r in rows)
 
 
+def _write_msr_files(tsv_root):
+  """MRPC as TFDS downloads it, from the staged (GLUE-layout) files written to <tsv_root>/MRPC: the MSR
+  training file (BOM, header, GLUE's train rows then its dev rows), the dev id pairs, and a test file."""
+  train, dev = ((tsv_root / 'MRPC' / f'{split}.tsv').read_text(encoding='utf-8').lstrip('\ufeff').split('\n')
+                for split in ('train', 'dev'))
+  header, train_rows, dev_rows = train[0], [r for r in train[1:] if r], [r for r in dev[1:] if r]
+  msr = tsv_root / 'MSR'
+  msr.mkdir()
+  (msr / 'msr_paraphrase_train.txt').write_text('\ufeff' + '\n'.join([header] + train_rows + dev_rows) + '\n',
+                                                encoding='utf-8')
+  (msr / 'mrpc_dev_ids.tsv').write_text(''.join('\t'.join(r.split('\t')[1:3]) + '\n' for r in dev_rows),
+                                        encoding='utf-8')
+  (msr / 'msr_paraphrase_test.txt').write_text('\n'.join([header] + dev_rows) + '\n', encoding='utf-8')
+
+
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
   """(tfds data_dir, TSV root): the TASKS prepared by TFDS's GLUE builder from the TSV files in TSV root."""
@@ -77,6 +101,8 @@ def prepared(tmp_path_factory):
       lines = (shared / task_dir / staged).read_text(encoding='utf-8').split('\n')
       text = _glue_file(lines, task, unlabelled=name.startswith('test'))
       (tsv_root / task_dir / name).write_text(text, encoding='utf-8')
+    if task == 'mrpc':
+      _write_msr_files(tsv_root)
     Glue(tsv_root=tsv_root, config=task, data_dir=str(data_dir), file_format='array_record').download_and_prepare()
   return data_dir, tsv_root
 
@@ -118,7 +144,7 @@ def test_prepared_tfds_glue_matches_the_tsv_files(prepared, task):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize('task,split', [('rte', 'test'), ('stsb', 'test'), ('mnli', 'test_matched')])
+@pytest.mark.parametrize('task,split', [('rte', 'test'), ('stsb', 'test'), ('mnli', 'test_matched'), ('mrpc', 'test')])
 def test_unlabelled_tfds_test_split_is_refused(prepared, task, split):
   data_dir, _ = prepared
   with pytest.raises(ValueError, match='no labels'):

@@ -128,9 +128,9 @@ def _lif_means(spikes, token_mask=None) -> dict[str, jax.Array]:
 TEXT_KEYS = ('input_ids', 'segment_ids', 'attention_mask')
 
 
-def _batch_stats_fn(model, text: bool):
+def _batch_stats_fn(model, text: bool, train: bool):
   root = type(model).__name__
-  forward = flops.model_forward(model)
+  forward = flops.model_forward(model, train)
 
   @jax.jit
   def batch_stats(variables, *inputs):
@@ -168,9 +168,14 @@ def _batch_inputs(batch: Mapping[str, Any], index: int) -> tuple[np.ndarray, ...
   return inputs
 
 
-def measure(model, variables, batches: Iterable[Mapping[str, Any]]) -> Measurement:
+def measure(model, variables, batches: Iterable[Mapping[str, Any]], train: bool = False) -> Measurement:
   """Runs inference over `batches` (dicts with 'image', or a text model's TEXT_KEYS, and optional 'mask')
-  and averages every rate (text: spike rates over real tokens, see the module docstring)."""
+  and averages every rate (text: spike rates over real tokens, see the module docstring).
+
+  train=True measures the forward pass of a training step instead: BatchNorm normalises each batch (its
+  real examples) with the batch's own statistics, so the rates are those that a training step's
+  products see (benchmarks/spike_density.py), not the deployed model's.
+  """
   traced = products = lif_sums = mean_sums = binary = batch_stats = None
   text = False
   count = tokens = 0
@@ -184,7 +189,7 @@ def measure(model, variables, batches: Iterable[Mapping[str, Any]]) -> Measureme
       traced = (flops.text_model_trace(model, variables, 1, inputs[0].shape[1]) if text else
                 flops.model_trace(model, variables, (1,) + inputs[0].shape[1:], inputs[0].dtype))
       products, first_shape = traced.products, inputs[0].shape[1:]
-      batch_stats = _batch_stats_fn(model, text)
+      batch_stats = _batch_stats_fn(model, text, train)
       lif_sums = collections.defaultdict(float)
       mean_sums = [[0.0] * 2 for _ in products]
       binary = [[True] * 2 for _ in products]
@@ -316,8 +321,8 @@ def report_from_measurement(m: Measurement, e_mac_pj: float = E_MAC_PJ, e_ac_pj:
 
 
 def energy_report(model, variables, batches: Iterable[Mapping[str, Any]], e_mac_pj: float = E_MAC_PJ,
-                  e_ac_pj: float = E_AC_PJ) -> Report:
-  return report_from_measurement(measure(model, variables, batches), e_mac_pj, e_ac_pj)
+                  e_ac_pj: float = E_AC_PJ, train: bool = False) -> Report:
+  return report_from_measurement(measure(model, variables, batches, train), e_mac_pj, e_ac_pj)
 
 
 def plot(report: Report, path) -> None:

@@ -361,9 +361,14 @@ def text_inputs(batch: int, length: int) -> tuple[jax.ShapeDtypeStruct, ...]:
   return (jax.ShapeDtypeStruct((batch, length), jnp.int32),) * 3
 
 
-def model_forward(model) -> Callable:
-  """(variables, *inputs) -> (outputs, {'spikes': ...}): inference with every LIF output sown."""
-  return lambda variables, *inputs: model.apply(variables, *inputs, train=False, mutable=[layers.SPIKES])
+def model_forward(model, train: bool = False) -> Callable:
+  """(variables, *inputs) -> (outputs, {'spikes': ...}): a forward pass with every LIF output sown.
+
+  train=True normalises with the batch's BatchNorm statistics, as a training step does (the updated
+  running statistics come back in the state too and are not used).
+  """
+  mutable = [layers.SPIKES, 'batch_stats'] if train else [layers.SPIKES]
+  return lambda variables, *inputs: model.apply(variables, *inputs, train=train, mutable=mutable)
 
 
 def _abstract(variables):

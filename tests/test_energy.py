@@ -132,6 +132,26 @@ def test_firing_rates_are_the_sown_spike_means(measured):
   assert lifs[:5] == ['tokenizer/lif1', 'tokenizer/lif2', 'tokenizer/lif3', 'tokenizer/lif4', 'block_0/attn/proj_lif']
 
 
+def test_training_mode_rates_use_each_batch_statistics():
+  """train=True: every batch is normalised with its own real examples' BatchNorm statistics (masked ones
+  excluded), so the SOPs are the example-weighted mean of per-batch hand computations in training mode."""
+  name, overrides, shape = CASES['kv_first']
+  model = models.get_model(name, **overrides)
+  variables = lively_variables(model, shape, gain=1.0)
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (6,) + shape))
+  garbage = 50.0 * np.ones((1,) + shape, np.float32)
+  batches = [dict(image=x[:2]), dict(image=np.concatenate([x[2:], garbage]), mask=np.array([1, 1, 1, 1, 0]))]
+  report = energy.report_from_measurement(energy.measure(model, variables, batches, train=True))
+  train_forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['spikes', 'batch_stats']))
+  spikes = [jax.device_get(train_forward(variables, jnp.asarray(part))[1]['spikes']) for part in (x[:2], x[2:])]
+  expected_sops = (2 * hand_energy(model, spikes[0], shape)[0] + 4 * hand_energy(model, spikes[1], shape)[0]) / 6
+  assert report.sops == pytest.approx(expected_sops, rel=1e-5)
+  inference = energy.report_from_measurement(energy.measure(model, variables, batches))
+  assert abs(inference.sops - report.sops) > 0.05 * report.sops  # the running statistics give other rates
+  q_rate = np.mean([np.mean(s['block_0']['attn']['q_lif']['out'][0]) for s in (spikes[0],) * 2 + (spikes[1],) * 4])
+  assert report.lif_rates['block_0/attn/q_lif'] == pytest.approx(q_rate, rel=1e-5)
+
+
 def test_report_json_and_plot(measured, tmp_path):
   _, _, m, _ = measured
   report = energy.report_from_measurement(m)

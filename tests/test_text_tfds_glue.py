@@ -6,8 +6,9 @@ CoLA (header-less TSV), SST-2 (trailing spaces) and MRPC as ArrayRecord from cop
 files. Only the download is replaced: the builder's download manager hands it the local copies instead
 of the GLUE zips. TFDS builds MRPC not from GLUE's zip but from Microsoft's original files (one
 msr_paraphrase_train.txt that holds GLUE's train and dev rows, split by a list of dev sentence-id
-pairs); their columns are GLUE's, so they are rebuilt from the staged MRPC train and dev files. The prepared data is then read through the project's `data.source='tfds'` / 'auto' code path
-and must give exactly what the TSV path gives.
+pairs); their columns are GLUE's, so they are rebuilt from the staged MRPC train and dev files. The
+prepared data is then read through the project's `data.source='tfds'` / 'auto' code path and must give
+exactly what the TSV path gives.
 """
 import numpy as np
 import pytest

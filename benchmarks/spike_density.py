@@ -52,11 +52,10 @@ def main():
   args = parser.parse_args()
 
   model = models.get_model(MODEL, num_classes=10)
-  reports = {}
-  for name, images in inputs(args.batch).items():
-    variables = model.init(jax.random.PRNGKey(2), images[:1], train=False)  # model_step.py's init
-    variables = {k: variables[k] for k in ('params', 'batch_stats')}
-    reports[name] = energy.energy_report(model, variables, [dict(image=images)], train=True)
+  batches = inputs(args.batch)
+  variables = models.init_variables(model, jax.random.PRNGKey(2), next(iter(batches.values()))[:1])  # model_step's
+  reports = {name: energy.energy_report(model, variables, [dict(image=images)], train=True)
+             for name, images in batches.items()}
 
   lines = [f'# Spike density of the {MODEL} training step (T=4, batch {args.batch})', '',
            f'Command: `{common.command_line("benchmarks.spike_density")}`', '']

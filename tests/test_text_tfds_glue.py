@@ -23,6 +23,8 @@ tfds_glue = pytest.importorskip('tensorflow_datasets.text.glue')
 TASKS = ('rte', 'mnli', 'stsb', 'cola', 'sst2', 'mrpc')
 ROWS = 3000  # every staged file is cut to its first rows to keep the test fast
 EVAL_SPLITS = {'mnli': ('validation_matched', 'validation_mismatched')}
+# TFDS's MRPC download, {its key: file name}, written under <tsv root>/MSR by _write_msr_files.
+MSR_FILES = {'train': 'msr_paraphrase_train.txt', 'dev_ids': 'mrpc_dev_ids.tsv', 'test': 'msr_paraphrase_test.txt'}
 
 
 class _LocalFiles:
@@ -36,8 +38,7 @@ class _LocalFiles:
     return self.root
 
   def download(self, urls):
-    return {key: f'{self.root}/MSR/{url.split("/")[-1].split("?")[0].replace("data%2F", "")}'
-            for key, url in urls.items()}
+    return {key: f'{self.root}/MSR/{MSR_FILES[key]}' for key in urls}
 
 
 class Glue(tfds_glue.Glue, skip_registration=True):
@@ -82,11 +83,11 @@ def _write_msr_files(tsv_root):
   header, train_rows, dev_rows = train[0], [r for r in train[1:] if r], [r for r in dev[1:] if r]
   msr = tsv_root / 'MSR'
   msr.mkdir()
-  (msr / 'msr_paraphrase_train.txt').write_text('\ufeff' + '\n'.join([header] + train_rows + dev_rows) + '\n',
-                                                encoding='utf-8')
-  (msr / 'mrpc_dev_ids.tsv').write_text(''.join('\t'.join(r.split('\t')[1:3]) + '\n' for r in dev_rows),
+  (msr / MSR_FILES['train']).write_text('\ufeff' + '\n'.join([header] + train_rows + dev_rows) + '\n',
                                         encoding='utf-8')
-  (msr / 'msr_paraphrase_test.txt').write_text('\n'.join([header] + dev_rows) + '\n', encoding='utf-8')
+  (msr / MSR_FILES['dev_ids']).write_text(''.join('\t'.join(r.split('\t')[1:3]) + '\n' for r in dev_rows),
+                                          encoding='utf-8')
+  (msr / MSR_FILES['test']).write_text('\n'.join([header] + dev_rows) + '\n', encoding='utf-8')
 
 
 @pytest.fixture(scope='module')

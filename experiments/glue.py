@@ -67,7 +67,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.name = model_name
   c.model.num_classes = num_classes
   c.model.T = 4
-  c.model.overrides = ml_collections.ConfigDict(dict(max_len=512, tie_embeddings=True))
+  c.model.overrides = ml_collections.ConfigDict(dict(max_len=512, tie_embeddings=True, cross_segment_match=False))
 
   c.batch_size = 32
   c.eval_batch_size = 128

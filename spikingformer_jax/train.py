@@ -11,7 +11,7 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -175,9 +175,11 @@ def make_eval_step(ctx: StepContext):
 # ---------------------------------------------------------------------------------------------------
 # State creation, sharding and fine-tuning.
 
-def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str]]:
+def merge_pretrained(fresh: dict, pretrained: dict, addable: Sequence[str] = ()) -> tuple[dict, list[str]]:
   """Takes every pretrained variable that fits; heads (modules named '*head*') may be re-initialised.
 
+  `addable` names top-level modules that fine-tuning may add to a pretrained backbone (e.g. the text
+  model's `match_embed`): restored when the checkpoint has them, freshly initialised when it has not.
   Returns (variables, notes). Anything else missing, unexpected or mis-shaped is one error listing all.
   """
   is_head = lambda path: any('head' in part for part in path[1:2])
@@ -187,10 +189,10 @@ def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str]]:
     name = '/'.join(path)
     if path in old and tuple(old[path].shape) == tuple(value.shape):
       merged[path] = jnp.asarray(old[path], value.dtype)
-    elif is_head(path):
+    elif is_head(path) or (path not in old and path[1] in addable):
       merged[path] = value
-      notes.append(f're-initialised {name} ' + ('(absent in checkpoint)' if path not in old else
-                                               f'(checkpoint {tuple(old[path].shape)} vs {tuple(value.shape)})'))
+      notes.append(f'initialised {name} afresh ' + ('(absent in checkpoint)' if path not in old else
+                                                   f'(checkpoint {tuple(old[path].shape)} vs {tuple(value.shape)})'))
     elif path not in old:
       problems.append(f'missing in checkpoint: {name} {tuple(value.shape)}')
     else:
@@ -219,7 +221,7 @@ def create_state(ctx: StepContext, mesh, example: tuple, rng, init_from: str = '
   if init_from:
     pretrained = checkpoint.load_variables(init_from)
     fresh = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    merged, notes = merge_pretrained(fresh, pretrained)
+    merged, notes = merge_pretrained(fresh, pretrained, getattr(ctx.model, 'added_in_finetuning', ()))
     for note in notes:
       logging.info('init_from: %s', note)
     merged = jax.device_put(merged, {'params': shardings['params'], 'batch_stats': shardings['batch_stats']})

@@ -66,10 +66,11 @@ def _trained_stats(model, variables, rng):
   return variables
 
 
-@pytest.mark.parametrize('task', ['classification', 'mlm'])  # regression pools exactly like classification
-def test_padding_invariance(task):
+@pytest.mark.parametrize('task,match', [('classification', False), ('mlm', False), ('classification', True)])
+def test_padding_invariance(task, match):  # regression pools exactly like classification
   """Appending padding (with garbage ids) changes neither outputs nor BatchNorm statistics."""
-  model = text_model.get_text_model('spikingformer-text-tiny', task=task, num_labels=3, **DEEP)
+  model = text_model.get_text_model('spikingformer-text-tiny', task=task, num_labels=3,
+                                    cross_segment_match=match, **DEEP)
   rng = np.random.default_rng(2)
   variables = _trained_stats(model, text_model.init_variables(model, jax.random.PRNGKey(2)), rng)
   lengths = [9, 3, 6, 9]
@@ -98,6 +99,39 @@ def test_padding_invariance(task):
   unmasked = model.apply(variables, ids_p, segs_p, jnp.ones_like(mask_p), train=False)
   assert not np.allclose(np.asarray(out_p if task != 'mlm' else out_p[:, :9]),
                          np.asarray(unmasked if task != 'mlm' else unmasked[:, :9]), atol=1e-3)
+
+
+def _match_loops(ids, segs, mask):
+  out = np.zeros(ids.shape, np.int32)
+  for b in range(ids.shape[0]):
+    for i in range(ids.shape[1]):
+      if mask[b, i]:
+        out[b, i] = any(mask[b, j] and segs[b, j] != segs[b, i] and ids[b, j] == ids[b, i]
+                        for j in range(ids.shape[1]))
+  return out
+
+
+def test_cross_segment_match_feature():
+  # [CLS] the cat sat [SEP] a cat [SEP] <pad: 'the'>: 'cat' and [SEP] occur in both segments, the padded
+  # 'the' must not count, 'a' and 'sat' occur in one segment only.
+  ids = np.array([[101, 7, 8, 9, 102, 5, 8, 102, 7]], np.int32)
+  segs = np.array([[0, 0, 0, 0, 0, 1, 1, 1, 1]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 0]], np.int32)
+  expected = [[0, 0, 1, 0, 1, 0, 1, 1, 0]]
+  np.testing.assert_array_equal(text_model.cross_segment_match(ids, segs, mask), expected)
+  np.testing.assert_array_equal(text_model.cross_segment_match(ids, np.zeros_like(segs), mask), 0 * mask)
+  ids, segs, mask = (np.asarray(a) for a in _inputs(np.random.default_rng(5), [20, 13, 1, 7], 20, vocab=12))
+  found = np.asarray(text_model.cross_segment_match(ids, segs, mask))
+  np.testing.assert_array_equal(found, _match_loops(ids, segs, mask))
+  assert 0 < found.sum() < mask.sum()
+  # In the model: one (2, D) embedding, and the feature reaches the logits.
+  model = text_model.get_text_model('spikingformer-text-tiny', cross_segment_match=True, **SMALL)
+  variables = text_model.init_variables(model, jax.random.PRNGKey(0))
+  table = variables['params']['match_embed']['embedding']
+  assert table.shape == (2, SMALL['embed_dim'])
+  swapped = {'params': dict(variables['params'], match_embed={'embedding': table[::-1]}),
+             'batch_stats': variables['batch_stats']}
+  assert not np.allclose(model.apply(variables, ids, segs, mask), model.apply(swapped, ids, segs, mask))
 
 
 def test_tied_and_untied_mlm_heads():

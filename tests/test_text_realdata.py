@@ -79,19 +79,33 @@ def test_sst2_beats_majority_on_dev():
   assert acc > majority + 0.2, (acc, majority)  # measured 0.79 vs 0.51
 
 
-def test_rte_fits_its_training_pairs():
-  """RTE (2.5k pairs) is too hard to generalise from in seconds: we assert the pair pipeline lets a
-  tiny model fit 256 training pairs well above the majority rate, i.e. segments and [SEP] carry signal."""
-  cfg = _data_cfg('glue/rte', shared_path('data', 'glue'), max_train_examples=256, max_eval_examples=256)
+def _rte_heldout_split(directory, n_train=1245):
+  """GLUE-layout RTE files: the first `n_train` training pairs to train on; the other training pairs
+  plus the official dev pairs (1,467 in all) held out, so the accuracy is measured to +-0.013."""
+  glue_rte = shared_path('data', 'glue', 'RTE')
+  header, *train_rows = [r for r in (glue_rte / 'train.tsv').read_text(encoding='utf-8').split('\n') if r]
+  _, *dev_rows = [r for r in (glue_rte / 'dev.tsv').read_text(encoding='utf-8').split('\n') if r]
+  (directory / 'RTE').mkdir(parents=True)
+  (directory / 'RTE' / 'train.tsv').write_text('\n'.join([header] + train_rows[:n_train]) + '\n', encoding='utf-8')
+  (directory / 'RTE' / 'dev.tsv').write_text('\n'.join([header] + train_rows[n_train:] + dev_rows) + '\n',
+                                             encoding='utf-8')
+  return directory
+
+
+def test_rte_beats_majority_on_heldout_pairs(tmp_path):
+  """RTE from scratch, with the cross-segment match embedding (text/README.md): the tiny model learns
+  the premise/hypothesis overlap signal. Without it the same run stays near chance (0.52-0.54 measured)."""
+  cfg = _data_cfg('glue/rte', _rte_heldout_split(tmp_path), max_len=128)
   info = data.dataset_info(cfg)
-  model = text_model.get_text_model('spikingformer-text-tiny', num_labels=2, vocab_size=info.vocab_size, **TINY)
-  params, stats = _fit(model, data.make_loader(cfg, 'train', batch_size=32, train=True, seed=0), 150, 3e-3)
+  model = text_model.get_text_model('spikingformer-text-tiny', num_labels=2, vocab_size=info.vocab_size,
+                                    cross_segment_match=True, **dict(TINY, max_len=128))
+  params, stats = _fit(model, data.make_loader(cfg, 'train', batch_size=32, train=True, seed=0), 300, 3e-3)
   logits, labels, mask = _evaluate(model, params, stats,
-                                   data.make_loader(cfg, 'train', batch_size=128, train=False, seed=0))
-  assert mask.sum() == 256
-  majority = max(np.mean(labels == c) for c in (0, 1))
-  acc = metrics.accuracy(logits, labels, mask)
-  assert acc > majority + 0.3, (acc, majority)  # measured 1.00 vs 0.52
+                                   data.make_loader(cfg, 'validation', batch_size=128, train=False, seed=0))
+  assert mask.sum() == info.num_eval == 1467
+  majority = max(np.mean(labels[mask > 0] == c) for c in (0, 1))  # 751/1467 = 0.512
+  acc = metrics.task_metrics('rte', logits, labels, mask)['accuracy']
+  assert acc > majority + 0.04, (acc, majority)  # measured 0.582 (0.57-0.60 over seeds and lengths)
 
 
 def test_mlm_pretraining_lowers_heldout_loss(tmp_path):

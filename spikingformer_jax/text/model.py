@@ -1,7 +1,8 @@
 """Spikingformer-Text: Spikingformer blocks over WordPiece token sequences (our definition; the
 reference released no language code, see text/README.md for every choice).
 
-  embeddings  token + learned position + segment, LayerNorm (float, outside the spiking blocks)
+  embeddings  token + learned position + segment (+ optional cross-segment match), LayerNorm (float,
+              outside the spiking blocks)
   encoding    direct: the same embedding at every one of the T time steps -> [T, B, N, D]
   blocks      L x layers.Block(pre_activation=True) with the attention mask (padding is neither
               attended to nor counted in BatchNorm statistics)
@@ -14,7 +15,7 @@ scores [B] or MLM logits [B, N, V].
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,9 @@ _bert_init = nn.initializers.truncated_normal(0.02)
 
 
 class SpikingformerText(nn.Module):
+  # Fine-tuning may switch these on over an MLM checkpoint that lacks them (train.merge_pretrained).
+  added_in_finetuning: ClassVar[tuple[str, ...]] = ('match_embed',)
+
   vocab_size: int = 30522
   embed_dim: int = 768
   depth: int = 12
@@ -40,6 +44,7 @@ class SpikingformerText(nn.Module):
   task: str = 'classification'
   num_labels: int = 2
   tie_embeddings: bool = True
+  cross_segment_match: bool = False
   lif: neurons.LIFConfig = neurons.LIFConfig()
   attn_scale: float = 0.125
   dtype: Any = jnp.float32
@@ -62,6 +67,10 @@ class SpikingformerText(nn.Module):
     seg = nn.Embed(self.type_vocab_size, self.embed_dim, embedding_init=_bert_init, param_dtype=jnp.float32,
                    name='segment_embed')
     x = token_embed(input_ids) + pos[None, :n] + seg(segment_ids)
+    if self.cross_segment_match:
+      match_embed = nn.Embed(2, self.embed_dim, embedding_init=_bert_init, param_dtype=jnp.float32,
+                             name='match_embed')
+      x = x + match_embed(cross_segment_match(input_ids, segment_ids, mask))
     x = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='embed_norm')(x)
     x = jnp.broadcast_to(x.astype(self.dtype)[None], (self.T, b, n, self.embed_dim))
     block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
@@ -78,6 +87,20 @@ class SpikingformerText(nn.Module):
     out = nn.Dense(1 if self.task == 'regression' else self.num_labels, kernel_init=_bert_init,
                    bias_init=nn.initializers.zeros, param_dtype=jnp.float32, name='head')(pooled)
     return out[:, 0] if self.task == 'regression' else out
+
+
+def cross_segment_match(input_ids, segment_ids, attention_mask):
+  """[B, N] 0/1: whether each valid token's id also occurs among the valid tokens of another segment.
+
+  The exact-match feature of reading-comprehension and NLI models (DrQA, Chen et al. 2017): it hands
+  a model trained from scratch the lexical overlap between premise and hypothesis, which BERT-style
+  models only learn in pretraining. Single-segment inputs get all zeros.
+  """
+  valid = attention_mask > 0
+  same_id = input_ids[:, :, None] == input_ids[:, None, :]
+  other_segment = segment_ids[:, :, None] != segment_ids[:, None, :]
+  found = jnp.any(same_id & other_segment & valid[:, None, :], axis=-1)
+  return (found & valid).astype(jnp.int32)
 
 
 class MLMHead(nn.Module):

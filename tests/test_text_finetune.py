@@ -5,17 +5,16 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_path
-from experiments import glue, pretrain_mlm
+from experiments import glue as glue_config, pretrain_mlm
 from spikingformer_jax import checkpoint, evaluate_only, sharding, train
-from spikingformer_jax.text import data
+from spikingformer_jax.text import data, glue
 
 
 def _rte_corpus(directory):
   """RTE's training sentences, one per line: real text from the fine-tuning task's own domain."""
-  rows = shared_path('data', 'glue', 'RTE', 'train.tsv').read_text(encoding='utf-8').split('\n')[1:]
+  rte = glue.read_glue_tsv('rte', str(shared_path('data', 'glue')), 'train')
   directory.mkdir()
-  sentences = [s for row in rows if row for s in row.split('\t')[1:3]]
-  (directory / 'rte.txt').write_text('\n'.join(sentences) + '\n', encoding='utf-8')
+  (directory / 'rte.txt').write_text('\n'.join(rte.text_a + rte.text_b) + '\n', encoding='utf-8')
   return directory
 
 
@@ -34,7 +33,7 @@ def test_glue_fine_tune_starts_from_the_mlm_backbone(tmp_path):
   train.train_and_evaluate(pre, tmp_path / 'mlm', devices=jax.devices()[:1])
   pretrained = traverse_util.flatten_dict(checkpoint.load_variables(tmp_path / 'mlm')['params'])
 
-  ft = glue.get_config('task=rte,variant=tiny,runlocal')
+  ft = glue_config.get_config('task=rte,variant=tiny,runlocal')
   ft.init_from, ft.mesh.data, ft.checkpoint.async_save = str(tmp_path / 'mlm'), 1, False
   ft.model.overrides.cross_segment_match = True
   tuned = traverse_util.flatten_dict(_create_state(ft))

@@ -7,8 +7,9 @@ and takes medians, and measures a large float32 (and bfloat16) matmul's GFLOP/s 
 Rows: our full training step (AdamW via optax, BatchNorm statistics updated) in float32 as shipped
 (`batchnorm.BatchNorm`'s one-tensor backward, `neurons.lif`'s hand-written BPTT, the XLA:CPU options of
 `cpu_runtime.CPU_FLAGS` that main.py applies), then with each of those undone (XLA's defaults, the default
-scheduler only, flax's BatchNorm, both: the previous release), with remat, in bfloat16, fwd+bwd only; and
-the reference's training step (benchmarks/torch_reference.py with SpikingJelly's MultiStepLIFNode torch
+scheduler only, flax's BatchNorm, both: the previous release), with remat, in bfloat16, fwd+bwd only; with
+the sparse spike kernels (`spike_kernels=True`: the products with a spike operand and their weight
+gradients in spikingformer_jax/kernels, the rest unchanged); and the reference's training step (benchmarks/torch_reference.py with SpikingJelly's MultiStepLIFNode torch
 backend, AdamW).
 
   /tmp/bench-venv/bin/python -m benchmarks.model_step   # writes benchmarks/results/model_step.md
@@ -61,7 +62,7 @@ def jax_worker(args) -> dict:
     layers.batch_norm = common.flax_batch_norm
 
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
-  model = models.get_model(MODEL, dtype=dtype, remat=args.remat)
+  model = models.get_model(MODEL, dtype=dtype, remat=args.remat, spike_kernels=args.spike_kernels)
   images = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
   variables = jax.jit(models.init_variables, static_argnums=0)(  # as train.py: jitted init
@@ -151,6 +152,7 @@ HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 NO_HUGE_PAGES = '<no huge pages>'
 ROWS = {
     # row name: worker arguments
+    'JAX train step, float32, spike kernels': ['jax', '--mode', 'train', '--spike-kernels'],
     'JAX train step, float32': ['jax', '--mode', 'train'],
     'PyTorch reference train step (SpikingJelly torch LIF)': ['torch', '--mode', 'train', '--lif', 'spikingjelly'],
     'JAX train step, float32, without huge-page malloc': ['jax', '--mode', 'train', NO_HUGE_PAGES],
@@ -167,8 +169,7 @@ ROWS = {
 }
 REFERENCE_ROW = 'PyTorch reference train step (SpikingJelly torch LIF)'
 # Rows timed in every round; the others (slow or secondary) only in the first.
-EVERY_ROUND = ('JAX train step, float32', REFERENCE_ROW)
-MAIN_ROW = 'JAX train step, float32'
+EVERY_ROUND = ('JAX train step, float32, spike kernels', 'JAX train step, float32', REFERENCE_ROW)
 
 
 def matmul_gflops(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
@@ -185,6 +186,9 @@ def orchestrate(args):
   import os
   rows = {name: [] for name in args.rows}
   failures = {}
+  if any('--spike-kernels' in ROWS[name] for name in args.rows):
+    from spikingformer_jax.kernels import build
+    build.build_library()  # Once, before the workers: their compile times are XLA's alone.
   matmul = {'float32': [], 'bfloat16': []}
   load = [os.getloadavg()[0]]
   for r in range(args.rounds):
@@ -223,7 +227,8 @@ def orchestrate(args):
   table = [[name, 0, f'failed: `{message[:160]}`'] + ['-'] * 9 for name, message in failures.items()]
   for name, s in summary.items():
     is_bf16 = 'bfloat16' in name
-    xla_gflop = s['flops'] / 1e9
+    # XLA does not count the custom calls' work: the spike-kernel row reports its dense equivalent.
+    xla_gflop = float('nan') if 'spike kernels' in name else s['flops'] / 1e9
     achieved = (xla_gflop if xla_gflop == xla_gflop else train_gflop) / s['step_s']
     table.append([
         name, s['rounds'], f'{s["step_s"]:.2f}', f'{s["img_s"]:.2f}',
@@ -250,8 +255,9 @@ def orchestrate(args):
             f'times {args.steps} steps after one warm-up step; the table gives the median over rounds of the '
             'per-round median step time, and the median peak RSS (whole process: Python, framework, '
             'compiled code, data). Achieved GFLOP/s = XLA `cost_analysis()` FLOPs of the compiled step / '
-            f'step time (for PyTorch: the analytic {analytic_train_gflop_per_image():.1f} GFLOP per training '
-            f'image x {args.batch}). Reference from the issue: {REFERENCE_IMAGES_PER_S} images/s, '
+            'step time (for PyTorch, and for the spike kernels, whose custom calls XLA does not count: the '
+            f'analytic {analytic_train_gflop_per_image():.1f} GFLOP per training image x {args.batch}, i.e. '
+            f'the dense equivalent). Reference from the issue: {REFERENCE_IMAGES_PER_S} images/s, '
             f'{REFERENCE_PEAK_RSS_GB} GB peak RSS. Targets: >= 2x its images/s, <= 0.5x its peak memory.', '']
   lines += common.markdown_table(
       ['row', 'rounds', 's / step', 'images/s', 'vs PyTorch (this run)', 'vs 3.3 img/s (issue)', 'peak RSS GB (process / during steps / XLA buffers)',
@@ -266,6 +272,7 @@ def main():
   parser.add_argument('--mode', choices=['train', 'fwdbwd'], default='train')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--spike-kernels', action='store_true', help='jax: the model with spike_kernels=True')
   parser.add_argument('--lif', default='spikingjelly', help="torch: 'spikingjelly' | 'builtin'")
   parser.add_argument('--flax-bn', action='store_true', help="jax: flax's BatchNorm instead of batchnorm.BatchNorm")
   parser.add_argument('--xla-defaults', action='store_true', help='jax: without cpu_runtime.CPU_FLAGS')

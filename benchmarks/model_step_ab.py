@@ -1,10 +1,12 @@
-"""Paired A/B of the CIFAR 4-384 training step in ONE process: batchnorm.BatchNorm vs flax's BatchNorm.
+"""Paired A/B of the CIFAR 4-384 training step in ONE process: batchnorm.BatchNorm vs flax's BatchNorm
+(`--compare bn`), or XLA's products vs the sparse spike kernels (`--compare spike_kernels`).
 
 On the shared 2-core machine whole-process timings swing between rounds; here both steps are compiled in
 the same process (with the XLA:CPU options main.py applies) and their calls alternate, so each pair sees
 the same load. Prints per-pair step times, the median ratio, and each step's XLA temporary memory.
 
   /tmp/bench-venv/bin/python -m benchmarks.model_step_ab --pairs 4
+  /tmp/bench-venv/bin/python -m benchmarks.model_step_ab --pairs 6 --compare spike_kernels
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from spikingformer_jax import layers, models  # noqa: E402
 MODEL = 'spikingformer-cifar-4-384'
 
 
-def compiled_train_step(batch: int):
-  model = models.get_model(MODEL)
+def compiled_train_step(batch: int, spike_kernels: bool = False):
+  model = models.get_model(MODEL, spike_kernels=spike_kernels)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
   variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])
@@ -51,12 +53,17 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--pairs', type=int, default=4)
   parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--compare', choices=['bn', 'spike_kernels'], default='bn')
   args = parser.parse_args()
-  steps = {'batchnorm.BatchNorm': compiled_train_step(args.batch)}
-  shipped = layers.batch_norm
-  layers.batch_norm = common.flax_batch_norm
-  steps['flax BatchNorm'] = compiled_train_step(args.batch)
-  layers.batch_norm = shipped
+  if args.compare == 'bn':
+    baseline, other = 'batchnorm.BatchNorm', 'flax BatchNorm'
+    steps = {baseline: compiled_train_step(args.batch)}
+    shipped, layers.batch_norm = layers.batch_norm, common.flax_batch_norm
+    steps[other] = compiled_train_step(args.batch)
+    layers.batch_norm = shipped
+  else:
+    baseline, other = 'XLA products', 'spike kernels'
+    steps = {baseline: compiled_train_step(args.batch), other: compiled_train_step(args.batch, spike_kernels=True)}
   times = {name: [] for name in steps}
   for i in range(args.pairs + 1):  # The first pair warms up.
     for name, (step, state) in (steps.items() if i % 2 else reversed(steps.items())):
@@ -67,8 +74,8 @@ def main():
   for name, (step, _) in steps.items():
     print(f'{name}: ' + ', '.join(f'{x:.2f}' for x in times[name]) + f' s (median {statistics.median(times[name]):.2f}); '
           f'XLA temp {step.memory_analysis().temp_size_in_bytes / 1e9:.2f} GB')
-  ratios = [f / s for f, s in zip(times['flax BatchNorm'], times['batchnorm.BatchNorm'])]
-  print('flax / ours step time per pair: ' + ', '.join(f'{r:.2f}' for r in ratios)
+  ratios = [o / b for o, b in zip(times[other], times[baseline])]
+  print(f'{other} / {baseline} step time per pair: ' + ', '.join(f'{r:.2f}' for r in ratios)
         + f' (median {statistics.median(ratios):.2f}x)')
 
 

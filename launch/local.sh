@@ -10,7 +10,8 @@
 # from the workdir's checkpoint when there is one, and writes <workdir>/summary.json when it ends.
 # On the CPU, glibc's malloc is told to back its large blocks with transparent huge pages
 # (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): XLA allocates a fresh temporary buffer every step, and faulting
-# it in 4 KiB pages costs ~8% of a CIFAR training step (BENCHMARKS.md).
+# it in 4 KiB pages costs ~8% of a CIFAR training step (BENCHMARKS.md). On one CPU, add
+# --config.model.spike_kernels=True for the sparse spike kernels (README.md, BENCHMARKS.md).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run|--dry_run) dry_run=1 ;;
     --python=*) python="${arg#--python=}" ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *)
       case "$arg" in
         --config=*) have_config=1 ;;

@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.T = 4
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32
   c.model.remat = False
+  c.model.spike_kernels = False  # the sparse spike kernels of spikingformer_jax.kernels (one CPU device)
   c.model.overrides = ml_collections.ConfigDict()  # any other model field, e.g. {'num_heads': 8}
 
   c.data = ml_collections.ConfigDict()

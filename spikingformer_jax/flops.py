@@ -232,6 +232,11 @@ class _Walker:
                                         list(in_infos), location)
       else:
         out_vals = self._bind(eqn, in_vals) if evaluate else [None] * len(eqn.outvars)
+        if eqn.primitive.name == 'ffi_call':
+          raise ValueError(
+              f'{location or "<top level>"}: a foreign-function call (such as the products of '
+              'spikingformer_jax.kernels) hides its arithmetic from this analysis; trace the model with '
+              'spike_kernels=False, which has the same parameters and computes the same products.')
         if eqn.primitive.name in PRODUCT_PRIMITIVES:
           out_infos = [self._record(eqn, in_vals, in_infos, location, evaluate)]
         else:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikingformer_jax import neurons
+from spikingformer_jax import kernels, neurons
 from spikingformer_jax.batchnorm import BatchNorm
 
 Dtype = Any
@@ -52,16 +52,21 @@ def batch_norm(train: bool, dtype: Dtype, name: str) -> BatchNorm:
 
 
 class ChannelDense(nn.Module):
-  """A 1x1 convolution on channels-last data (the reference's Conv1d/Conv2d with kernel size 1)."""
+  """A 1x1 convolution on channels-last data (the reference's Conv1d/Conv2d with kernel size 1).
+
+  spike_kernels: the product goes through `kernels.dot_general` (sparse on the CPU; same parameters).
+  """
   features: int
   use_bias: bool
   dtype: Dtype = jnp.float32
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in), name='dense')(x)
+                    kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in),
+                    dot_general=kernels.dot_general if self.spike_kernels else None, name='dense')(x)
 
 
 class LIF(nn.Module):
@@ -100,14 +105,20 @@ def max_pool(x):
 
 
 class ConvBN(nn.Module):
-  """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]`."""
+  """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]`.
+
+  spike_kernels: the conv goes through `kernels.conv_general_dilated` (sparse on the CPU; same parameters).
+  """
   features: int
   dtype: Dtype = jnp.float32
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=conv_kernel_init, name='conv')
+                   param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+                   conv_general_dilated=kernels.conv_general_dilated if self.spike_kernels else None,
+                   name='conv')
     x = _time_fold(conv, x)
     return batch_norm(train, self.dtype, 'bn')(x)
 
@@ -119,12 +130,14 @@ class SpikingTokenizer(nn.Module):
   style='cml' (Spikingformer†): the max-pool moves after the BN of the previous stage.
   style='spikformer' (SPS): stages 0..3 Conv-BN-LIF -> [MaxPool]; then RPE Conv-BN-LIF added to
   the features, so the output is an integer-valued sum of spikes.
+  spike_kernels: stages 1..4, whose inputs are spikes, use the sparse CPU kernels (stage 0 reads the image).
   """
   embed_dim: int
   pool: tuple[bool, bool, bool, bool]
   lif: neurons.LIFConfig
   style: str = 'spikingformer'
   dtype: Dtype = jnp.float32
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -132,11 +145,12 @@ class SpikingTokenizer(nn.Module):
     widths = (d // 8, d // 4, d // 2, d, d)
     if self.style == 'spikformer':
       for k in range(4):
-        x = ConvBN(widths[k], dtype=self.dtype, name=f'stage{k}')(x, train)
+        x = ConvBN(widths[k], dtype=self.dtype, spike_kernels=self.spike_kernels and k > 0,
+                   name=f'stage{k}')(x, train)
         x = LIF(self.lif, name=f'lif{k}')(x)
         if self.pool[k]:
           x = max_pool(x)
-      rpe = ConvBN(widths[4], dtype=self.dtype, name='stage4')(x, train)
+      rpe = ConvBN(widths[4], dtype=self.dtype, spike_kernels=self.spike_kernels, name='stage4')(x, train)
       return LIF(self.lif, name='lif4')(rpe) + x
     x = ConvBN(widths[0], dtype=self.dtype, name='stage0')(x, train)
     for k in range(1, 5):
@@ -146,7 +160,7 @@ class SpikingTokenizer(nn.Module):
       x = LIF(self.lif, name=f'lif{k}')(x)
       if self.style == 'spikingformer' and pool:
         x = max_pool(x)
-      x = ConvBN(widths[k], dtype=self.dtype, name=f'stage{k}')(x, train)
+      x = ConvBN(widths[k], dtype=self.dtype, spike_kernels=self.spike_kernels, name=f'stage{k}')(x, train)
     return x
 
 
@@ -157,6 +171,7 @@ class SpikingSelfAttention(nn.Module):
   pre_activation=False (Spikformer): {q,k,v} Dense-BN-LIF on the stream -> attention -> Dense-BN-LIF.
   `mask` (`[B, N]`, 1 for real tokens) zeroes padded keys and values, which keeps them binary.
   qkv_bias: biased q/k/v projections (the CIFAR Spikformer's nn.Linear layers); bias-free elsewhere.
+  spike_kernels: the projections use the sparse CPU kernels (`ChannelDense`).
   """
   dim: int
   num_heads: int
@@ -166,6 +181,7 @@ class SpikingSelfAttention(nn.Module):
   pre_activation: bool = True
   qkv_bias: bool = False
   dtype: Dtype = jnp.float32
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
@@ -177,7 +193,8 @@ class SpikingSelfAttention(nn.Module):
       x = LIF(self.lif, name='proj_lif')(x)
 
     def qkv(name):
-      y = ChannelDense(d, use_bias=self.qkv_bias, dtype=self.dtype, name=f'{name}_conv')(x)
+      y = ChannelDense(d, use_bias=self.qkv_bias, dtype=self.dtype, spike_kernels=self.spike_kernels,
+                       name=f'{name}_conv')(x)
       y = batch_norm(train, self.dtype, f'{name}_bn')(y, bn_mask)
       return LIF(self.lif, name=f'{name}_lif')(y)
 
@@ -206,7 +223,7 @@ class SpikingSelfAttention(nn.Module):
     y = (y * self.scale).reshape(t, b, n, d).astype(self.dtype)
     lif_attn = self.lif.replace(v_threshold=self.attn_threshold)
     y = LIF(lif_attn, name='attn_lif')(y)
-    y = ChannelDense(d, use_bias=True, dtype=self.dtype, name='proj_conv')(y)
+    y = ChannelDense(d, use_bias=True, dtype=self.dtype, spike_kernels=self.spike_kernels, name='proj_conv')(y)
     y = batch_norm(train, self.dtype, 'proj_bn')(y, bn_mask)
     if not self.pre_activation:
       y = LIF(self.lif, name='proj_lif')(y)
@@ -220,6 +237,7 @@ class SpikingMLP(nn.Module):
   lif: neurons.LIFConfig
   pre_activation: bool = True
   dtype: Dtype = jnp.float32
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
@@ -227,7 +245,8 @@ class SpikingMLP(nn.Module):
     for i, width in ((1, self.hidden_dim), (2, self.dim)):
       if self.pre_activation:
         x = LIF(self.lif, name=f'mlp{i}_lif')(x)
-      x = ChannelDense(width, use_bias=True, dtype=self.dtype, name=f'mlp{i}_conv')(x)
+      x = ChannelDense(width, use_bias=True, dtype=self.dtype, spike_kernels=self.spike_kernels,
+                       name=f'mlp{i}_conv')(x)
       x = batch_norm(train, self.dtype, f'mlp{i}_bn')(x, bn_mask)
       if not self.pre_activation:
         x = LIF(self.lif, name=f'mlp{i}_lif')(x)
@@ -244,12 +263,14 @@ class Block(nn.Module):
   attn_scale: float = 0.125
   qkv_bias: bool = False
   dtype: Dtype = jnp.float32
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
     x = x + SpikingSelfAttention(self.dim, self.num_heads, self.lif, scale=self.attn_scale,
                                  pre_activation=self.pre_activation, qkv_bias=self.qkv_bias, dtype=self.dtype,
-                                 name='attn')(x, train, mask)
+                                 spike_kernels=self.spike_kernels, name='attn')(x, train, mask)
     x = x + SpikingMLP(self.dim, int(self.dim * self.mlp_ratio), self.lif,
-                       pre_activation=self.pre_activation, dtype=self.dtype, name='mlp')(x, train, mask)
+                       pre_activation=self.pre_activation, dtype=self.dtype, spike_kernels=self.spike_kernels,
+                       name='mlp')(x, train, mask)
     return x

@@ -39,19 +39,23 @@ class Spikingformer(nn.Module):
   reference_code: str = 'imagenet'
   dtype: Any = jnp.float32
   remat: bool = False
+  # Products with a spike operand through the sparse CPU kernels (spikingformer_jax.kernels): the same
+  # parameters and, up to float rounding, the same outputs; faster on the CPU, ignored elsewhere.
+  spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.time_major_input(x)
     x = layers.SpikingTokenizer(self.embed_dim, self.pool, self.lif, self.style, self.dtype,
-                                name='tokenizer')(x, train)
+                                spike_kernels=self.spike_kernels, name='tokenizer')(x, train)
     t, b, h, w, d = x.shape
     x = x.reshape(t, b, h * w, d)
     block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
     for i in range(self.depth):
       x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif,
                     pre_activation=self.style != 'spikformer', attn_scale=self.attn_scale,
-                    qkv_bias=self.qkv_bias, dtype=self.dtype, name=f'block_{i}')(x, train)
+                    qkv_bias=self.qkv_bias, dtype=self.dtype, spike_kernels=self.spike_kernels,
+                    name=f'block_{i}')(x, train)
     features = x.astype(jnp.float32).mean(axis=(0, 2))  # tokens, then time (both plain means).
     return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros,

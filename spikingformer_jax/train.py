@@ -48,7 +48,7 @@ def build_model(config, info):
     num_labels = 1 if config.task == 'regression' else config.model.num_classes
     return text_model.get_text_model(config.model.name, vocab_size=info.vocab_size, num_labels=num_labels,
                                       task=config.task, T=config.model.T, dtype=dtype, remat=config.model.remat,
-                                      **overrides)
+                                      spike_kernels=config.model.spike_kernels, **overrides)
   if config.model.num_classes != info.num_classes:
     raise configs.ConfigError(f'config.model.num_classes = {config.model.num_classes}, but dataset '
                               f'{config.data.name!r} has {info.num_classes} classes.')
@@ -56,7 +56,8 @@ def build_model(config, info):
     raise configs.ConfigError(f'config.model.T = {config.model.T}, but the event frames have '
                               f'{info.example_shape[0]} time steps (config.data.T).')
   return models.get_model(config.model.name, num_classes=config.model.num_classes, T=config.model.T,
-                          dtype=dtype, remat=config.model.remat, **overrides)
+                          dtype=dtype, remat=config.model.remat, spike_kernels=config.model.spike_kernels,
+                          **overrides)
 
 
 def example_inputs(config, info) -> tuple:
@@ -352,6 +353,11 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
   info = dm.dataset_info(config.data)
   steps_per_epoch, total_steps = plan(config, info)
   ctx, example = make_context(config, info)
+  if config.model.spike_kernels and n_dev > 1 and mesh.devices.flat[0].platform == 'cpu':
+    raise configs.ConfigError(
+        f'config.model.spike_kernels is for training on one CPU device, but the mesh has {n_dev}: '
+        'XLA cannot split the kernels\' custom calls and would run every product whole on each device. Set '
+        'config.mesh.data = 1 (and mesh.fsdp = 1), or drop spike_kernels.')
   rng = jax.random.PRNGKey(config.seed)
 
   manager = checkpoint.make_manager(workdir, config.checkpoint, config.metric)

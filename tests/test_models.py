@@ -8,6 +8,7 @@ from flax import traverse_util
 
 from conftest import shared_path
 from spikingformer_jax import models, torch_mapping
+from spikingformer_jax.kernels import build
 
 # The reference doc's "without LN" column (§2.7), i.e. the reference counts minus the unused LayerNorms.
 EXACT_COUNTS = {
@@ -176,11 +177,16 @@ PARITY = [('ref_cifar_2-128.npz', 'spikingformer-cifar-4-384', dict(depth=2, emb
           ('ref_imagenet_1-64.npz', 'spikingformer-8-384', dict(depth=1, embed_dim=64, num_heads=8))]
 
 
+@pytest.mark.parametrize('spike_kernels', [False, True], ids=['xla', 'spike_kernels'])
 @pytest.mark.parametrize('filename,name,overrides', PARITY)
-def test_identical_spikes_and_logits_to_the_reference(filename, name, overrides):
+def test_identical_spikes_and_logits_to_the_reference(filename, name, overrides, spike_kernels):
+  if spike_kernels:
+    if build.compiler() is None:
+      pytest.skip('no C++ compiler here: the spike kernels cannot be built')
+    build.load()  # With a compiler, a failing build fails the test instead of testing XLA's products.
   ref = np.load(shared_path('reference', 'parity', filename))
   state_dict = {k[2:]: ref[k] for k in ref.files if k.startswith('w/')}
-  model = models.get_model(name, **overrides)
+  model = models.get_model(name, spike_kernels=spike_kernels, **overrides)
   x = jnp.asarray(ref['x'].transpose(0, 2, 3, 1))
   expected = traverse_util.flatten_dict(models.abstract_variables(model, x.shape))
   variables = torch_mapping.torch_to_flax(state_dict, model, {k: v.shape for k, v in expected.items()})

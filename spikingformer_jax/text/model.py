@@ -49,6 +49,7 @@ class SpikingformerText(nn.Module):
   attn_scale: float = 0.125
   dtype: Any = jnp.float32
   remat: bool = False
+  spike_kernels: bool = False  # The blocks' products through the sparse CPU kernels (as in models.Spikingformer).
 
   @nn.compact
   def __call__(self, input_ids, segment_ids, attention_mask, train: bool = False):
@@ -76,7 +77,8 @@ class SpikingformerText(nn.Module):
     block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
     for i in range(self.depth):
       x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif, pre_activation=True,
-                    attn_scale=self.attn_scale, dtype=self.dtype, name=f'block_{i}')(x, train, mask)
+                    attn_scale=self.attn_scale, dtype=self.dtype, spike_kernels=self.spike_kernels,
+                    name=f'block_{i}')(x, train, mask)
     x = x.astype(jnp.float32)
     if self.task == 'mlm':
       table = token_embed.embedding if self.tie_embeddings else None

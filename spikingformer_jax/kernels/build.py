@@ -1,0 +1,92 @@
+"""Compiles `spike_products.cc` for this machine on first use and registers its XLA FFI targets.
+
+The library is built with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) for the host CPU
+(`-march=native`: AVX-512 where the CPU has it) against the XLA FFI headers that jaxlib ships, and cached
+under `$SPIKINGFORMER_JAX_CACHE` (default `~/.cache/spikingformer_jax`) by a hash of the source, the
+compiler, the flags, jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it.
+The library is written to a temporary name and renamed, so a concurrent or interrupted build never leaves
+a half-written library behind under the cached name.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jaxlib
+
+SOURCE = pathlib.Path(__file__).with_name('spike_products.cc')
+TARGETS = ('SpikeMatmul', 'SpikeMatmulT', 'SpikeConv3x3', 'SpikeConv3x3WGrad')
+PREFIX = 'spikingformer_'  # FFI target names are global to the process.
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+
+
+class KernelBuildError(RuntimeError):
+  """The kernels cannot be built or loaded here (no compiler, or it failed); the message says why."""
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get('SPIKINGFORMER_JAX_CACHE') or pathlib.Path.home() / '.cache' / 'spikingformer_jax'
+  return pathlib.Path(root) / 'kernels'
+
+
+def compiler() -> str | None:
+  return os.environ.get('CXX') or next(
+      (path for name in ('c++', 'g++', 'clang++') if (path := shutil.which(name))), None)
+
+
+def _cpu_flags() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next((line for line in f if line.startswith('flags')), '')
+  except OSError:
+    return ''
+
+
+def library_path(cxx: str) -> pathlib.Path:
+  try:
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise KernelBuildError(f'cannot run the C++ compiler {cxx!r}: {e}') from e
+  key = hashlib.sha256('\0'.join(
+      [SOURCE.read_text(), cxx, version, ' '.join(FLAGS), jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
+  return cache_dir() / f'spike_products-{key[:16]}.so'
+
+
+def build_library() -> pathlib.Path:
+  """The compiled library's path, compiling it first unless the cache has it."""
+  cxx = compiler()
+  if cxx is None:
+    raise KernelBuildError('no C++ compiler found (looked for $CXX, c++, g++, clang++); the spike kernels '
+                           'need one to compile spikingformer_jax/kernels/spike_products.cc.')
+  path = library_path(cxx)
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f'{path.name}.{os.getpid()}.partial')
+  command = [cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(partial)]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  except (OSError, subprocess.SubprocessError) as e:
+    partial.unlink(missing_ok=True)
+    raise KernelBuildError(f'compiling {SOURCE.name} failed: {e}') from e
+  if result.returncode != 0:
+    partial.unlink(missing_ok=True)
+    raise KernelBuildError(f'compiling {SOURCE.name} failed (exit {result.returncode}): '
+                           f'{" ".join(command)}\n{result.stderr[-3000:]}')
+  os.replace(partial, path)
+  return path
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+  """Builds (or finds) the library, loads it and registers its FFI targets for the CPU; once per process."""
+  lib = ctypes.CDLL(str(build_library()))
+  for name in TARGETS:
+    jax.ffi.register_ffi_target(PREFIX + name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+  return lib

@@ -1,0 +1,368 @@
+// Products whose left operand is a spike tensor (mostly zeros), for XLA:CPU through the XLA FFI.
+//
+// A dense GEMM multiplies every zero spike; these kernels compress each row of the spike operand to
+// the list of its non-zero entries and accumulate only the matching weight (or gradient) rows, so the
+// work scales with the spike density (0.03-0.26 in Spikingformer). Each entry is multiplied by its
+// value, so the products are right for any operand, binary or not; the sums run in the order of the
+// non-zero entries, so results differ from a GEMM's only by float rounding.
+//
+//   SpikeMatmul   out[M, N] = a[M, K] @ w[K, N]
+//   SpikeMatmulT  out[K, N] = a[M, K]^T @ g[M, N]                    (the weight gradient)
+//   SpikeConv3x3  out[B, H, W, O] = the 3x3 stride-1 convolution of a, zero-padded to [B, H+2, W+2, C],
+//                 with w [3, 3, C, O] (XLA's NHWC / HWIO layout)
+//   SpikeConv3x3WGrad  out[3, 3, C, O] = that convolution's kernel gradient, for the output gradient
+//                 g zero-padded to [B, H+2, W+2, O]
+//
+// Work is split over XLA's intra-op thread pool. Output columns are processed in tiles of kTile floats
+// that stay in vector registers while the selected rows are accumulated.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 128;
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+using Image = ffi::Buffer<ffi::F32, 4>;  // [B, H, W, C]
+
+// Entry positions are stored as int32.
+bool Indexable(int64_t rows, int64_t cols) {
+  return rows <= std::numeric_limits<int32_t>::max() && cols <= std::numeric_limits<int32_t>::max();
+}
+
+ffi::Error TooLarge(const char* kernel) {
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": more than 2^31 - 1 rows or columns");
+}
+
+// Runs body(chunk) for chunk in [0, n) on the caller and the pool's threads; returns when all are done.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const std::function<void(int64_t)>* fn = &body;
+  const int64_t n_total = n;
+  auto work = [state, fn, n_total]() {
+    for (int64_t i; (i = state->next.fetch_add(1, std::memory_order_relaxed)) < n_total;) {
+      (*fn)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  // A helper that starts after every chunk is taken finds none and only touches `state` (kept alive by
+  // its own copy), never `body`.
+  while (state->done.load(std::memory_order_acquire) < n_total) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+}
+
+// One contiguous list of selected rows: row `idx[i] + offset` of `base` scaled by `val[i]`.
+struct Segment {
+  const int32_t* idx;
+  const float* val;
+  int64_t n;
+  int64_t offset;
+};
+
+#if defined(__AVX512F__)
+// AccumulateTile for a tile of NV vectors of 16 floats, the last one masked to `last` lanes; the
+// accumulators stay in registers.
+template <int NV>
+void AccumulateVectors(float* __restrict out, const float* __restrict base, int64_t stride,
+                       const Segment* segs, int n_segs, __mmask16 last, bool accumulate) {
+  __m512 acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 mask = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    acc[v] = accumulate ? _mm512_maskz_loadu_ps(mask, out + 16 * v) : _mm512_setzero_ps();
+  }
+  for (int s = 0; s < n_segs; ++s) {
+    const Segment& g = segs[s];
+    for (int64_t i = 0; i < g.n; ++i) {
+      const float* p = base + (g.idx[i] + g.offset) * stride;
+      const __m512 x = _mm512_set1_ps(g.val[i]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 mask = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+        acc[v] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, p + 16 * v), acc[v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + 16 * v, v == NV - 1 ? last : 0xFFFF, acc[v]);
+}
+#endif
+
+// out[0:width] (+)= sum over segments s, entries i of s.val[i] * base[(s.idx[i] + s.offset) * stride + 0:width]
+// for width <= kTile; `accumulate` adds to out's values instead of overwriting them.
+void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t stride,
+                    const Segment* segs, int n_segs, int64_t width, bool accumulate = false) {
+#if defined(__AVX512F__)
+  const int nv = static_cast<int>((width + 15) / 16);
+  const int rem = static_cast<int>(width - 16 * (nv - 1));
+  const __mmask16 last = static_cast<__mmask16>(rem == 16 ? 0xFFFFu : (1u << rem) - 1u);
+  switch (nv) {
+    case 1: return AccumulateVectors<1>(out, base, stride, segs, n_segs, last, accumulate);
+    case 2: return AccumulateVectors<2>(out, base, stride, segs, n_segs, last, accumulate);
+    case 3: return AccumulateVectors<3>(out, base, stride, segs, n_segs, last, accumulate);
+    case 4: return AccumulateVectors<4>(out, base, stride, segs, n_segs, last, accumulate);
+    case 5: return AccumulateVectors<5>(out, base, stride, segs, n_segs, last, accumulate);
+    case 6: return AccumulateVectors<6>(out, base, stride, segs, n_segs, last, accumulate);
+    case 7: return AccumulateVectors<7>(out, base, stride, segs, n_segs, last, accumulate);
+    case 8: return AccumulateVectors<8>(out, base, stride, segs, n_segs, last, accumulate);
+    default: break;
+  }
+#endif
+  float acc[kTile] = {0.0f};
+  if (accumulate) std::copy_n(out, width, acc);
+  for (int s = 0; s < n_segs; ++s) {
+    const Segment& g = segs[s];
+    for (int64_t i = 0; i < g.n; ++i) {
+      const float* p = base + (g.idx[i] + g.offset) * stride;
+      const float v = g.val[i];
+      for (int64_t j = 0; j < width; ++j) acc[j] += v * p[j];
+    }
+  }
+  std::copy_n(acc, width, out);
+}
+
+// The number of non-zero entries of row[0:n].
+int64_t CountNonZero(const float* __restrict row, int64_t n) {
+  int64_t count = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16)
+    count += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), _mm512_setzero_ps(), _CMP_NEQ_UQ));
+#endif
+  for (; j < n; ++j) count += row[j] != 0.0f;
+  return count;
+}
+
+// Writes the positions and values of the non-zero entries of row[0:n], exactly as many as there are.
+void CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx, float* __restrict val) {
+  int64_t count = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x = _mm512_loadu_ps(row + j);
+    const __mmask16 nz = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    if (!nz) continue;
+    // Compress in registers, then a masked store of the first popcount lanes (compressing straight to
+    // memory is slow on some CPUs; the mask keeps the neighbouring rows' entries intact).
+    const int m = __builtin_popcount(nz);
+    const __mmask16 first = static_cast<__mmask16>((1u << m) - 1u);
+    _mm512_mask_storeu_epi32(idx + count, first,
+                             _mm512_maskz_compress_epi32(nz, _mm512_add_epi32(lane, _mm512_set1_epi32(j))));
+    _mm512_mask_storeu_ps(val + count, first, _mm512_maskz_compress_ps(nz, x));
+    count += m;
+  }
+#endif
+  for (; j < n; ++j) {
+    if (row[j] != 0.0f) {
+      idx[count] = static_cast<int32_t>(j);
+      val[count] = row[j];
+      ++count;
+    }
+  }
+}
+
+// Rows of a [rows, cols] matrix compressed to their non-zero entries (CSR), built in parallel.
+struct CompressedRows {
+  std::vector<int64_t> start;  // rows + 1
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+};
+
+CompressedRows CompressRows(ffi::ThreadPool& pool, const float* a, int64_t rows, int64_t cols) {
+  constexpr int64_t kRowsPerChunk = 256;
+  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  CompressedRows c;
+  c.start.assign(rows + 1, 0);
+  ParallelFor(pool, chunks, [&](int64_t k) {
+    for (int64_t r = k * kRowsPerChunk; r < std::min(rows, (k + 1) * kRowsPerChunk); ++r)
+      c.start[r + 1] = CountNonZero(a + r * cols, cols);
+  });
+  for (int64_t r = 0; r < rows; ++r) c.start[r + 1] += c.start[r];
+  c.idx.resize(c.start[rows]);
+  c.val.resize(c.start[rows]);
+  ParallelFor(pool, chunks, [&](int64_t k) {
+    for (int64_t r = k * kRowsPerChunk; r < std::min(rows, (k + 1) * kRowsPerChunk); ++r)
+      CompressRow(a + r * cols, cols, c.idx.data() + c.start[r], c.val.data() + c.start[r]);
+  });
+  return c;
+}
+
+// The transpose of a CSR matrix with `cols` columns: for each column, its rows in increasing order.
+CompressedRows Transpose(const CompressedRows& r, int64_t rows, int64_t cols) {
+  CompressedRows t;
+  t.start.assign(cols + 1, 0);
+  const int64_t nnz = r.start[rows];
+  for (int64_t i = 0; i < nnz; ++i) ++t.start[r.idx[i] + 1];
+  for (int64_t j = 0; j < cols; ++j) t.start[j + 1] += t.start[j];
+  t.idx.resize(nnz);
+  t.val.resize(nnz);
+  std::vector<int64_t> fill(t.start.begin(), t.start.end() - 1);
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t i = r.start[row]; i < r.start[row + 1]; ++i) {
+      const int64_t at = fill[r.idx[i]]++;
+      t.idx[at] = static_cast<int32_t>(row);
+      t.val[at] = r.val[i];
+    }
+  }
+  return t;
+}
+
+Segment RowSegment(const CompressedRows& c, int64_t row, int64_t offset) {
+  return Segment{c.idx.data() + c.start[row], c.val.data() + c.start[row], c.start[row + 1] - c.start[row], offset};
+}
+
+ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, Matrix a, Matrix w,
+                           ffi::Result<Matrix> out) {
+  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = w.dimensions()[1];
+  if (w.dimensions()[0] != k) return ffi::Error::InvalidArgument("SpikeMatmul: a is [M, K], w must be [K, N]");
+  if (!Indexable(m, k)) return TooLarge("SpikeMatmul");
+  const CompressedRows rows = CompressRows(pool, a.typed_data(), m, k);
+  constexpr int64_t kRowsPerChunk = 128;  // rows that share each [K, kTile] tile of w while it is in cache
+  const float* wd = w.typed_data();
+  float* y = out->typed_data();
+  ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+    const int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(m, r0 + kRowsPerChunk);
+    for (int64_t n0 = 0; n0 < n; n0 += kTile) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const Segment seg = RowSegment(rows, r, 0);
+        AccumulateTile(y + r * n + n0, wd + n0, n, &seg, 1, std::min(kTile, n - n0));
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[t][c, :] = sum over the entries (r, v) of column c of `cols` of v * g[r + offsets[t], :], for each
+// offset t, with out[t] = out + t * out_stride. Each chunk owns a range of columns c. For every tile of
+// output columns it walks the rows r in blocks of kRowBlock, so the rows of g that a block reaches stay
+// in cache while every column of the chunk takes its entries from them; `cursor` remembers where each
+// column's (sorted) row list left off.
+void TransposedProduct(ffi::ThreadPool& pool, const CompressedRows& cols, int64_t rows, int64_t k,
+                       const float* g, int64_t n, const std::vector<int64_t>& offsets, float* out,
+                       int64_t out_stride) {
+  constexpr int64_t kRowBlock = 512;
+  const int64_t chunks = std::min<int64_t>(k, 2 * std::max<int64_t>(pool.num_threads(), 1));
+  const int64_t per_chunk = (k + chunks - 1) / chunks;
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t c0 = chunk * per_chunk, c1 = std::min(k, c0 + per_chunk);
+    std::vector<int64_t> cursor(std::max<int64_t>(c1 - c0, 0));
+    for (int64_t n0 = 0; n0 < n; n0 += kTile) {
+      const int64_t width = std::min(kTile, n - n0);
+      for (int64_t c = c0; c < c1; ++c) cursor[c - c0] = cols.start[c];
+      for (int64_t r0 = 0; r0 == 0 || r0 < rows; r0 += kRowBlock) {  // once at least: writes zeros if rows = 0
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t begin = cursor[c - c0];
+          int64_t end = begin;
+          while (end < cols.start[c + 1] && cols.idx[end] < r0 + kRowBlock) ++end;
+          for (size_t t = 0; t < offsets.size(); ++t) {
+            const Segment seg{cols.idx.data() + begin, cols.val.data() + begin, end - begin, offsets[t]};
+            AccumulateTile(out + t * out_stride + c * n + n0, g + n0, n, &seg, 1, width, r0 > 0);
+          }
+          cursor[c - c0] = end;
+        }
+      }
+    }
+  });
+}
+
+ffi::Error SpikeMatmulTImpl(ffi::ThreadPool pool, Matrix a, Matrix g, ffi::Result<Matrix> out) {
+  const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = g.dimensions()[1];
+  if (g.dimensions()[0] != m) return ffi::Error::InvalidArgument("SpikeMatmulT: a is [M, K], g must be [M, N]");
+  if (!Indexable(m, k)) return TooLarge("SpikeMatmulT");
+  const CompressedRows cols = Transpose(CompressRows(pool, a.typed_data(), m, k), m, k);
+  TransposedProduct(pool, cols, m, k, g.typed_data(), n, {0}, out->typed_data(), 0);
+  return ffi::Error::Success();
+}
+
+// a: [B, H+2, W+2, C] zero-padded spikes; w: [3, 3, C, O]; out: [B, H, W, O].
+ffi::Error SpikeConv3x3Impl(ffi::ThreadPool pool, Image a, Image w,
+                            ffi::Result<Image> out) {
+  const int64_t b = a.dimensions()[0], hp = a.dimensions()[1], wp = a.dimensions()[2], c = a.dimensions()[3];
+  const int64_t o = w.dimensions()[3], h = hp - 2, wd = wp - 2;
+  if (w.dimensions()[0] != 3 || w.dimensions()[1] != 3 || w.dimensions()[2] != c)
+    return ffi::Error::InvalidArgument("SpikeConv3x3: w must be [3, 3, C, O] with C = a's last dimension");
+  if (!Indexable(b * hp * wp, c)) return TooLarge("SpikeConv3x3");
+  const CompressedRows pix = CompressRows(pool, a.typed_data(), b * hp * wp, c);
+  const float* wdata = w.typed_data();
+  float* y = out->typed_data();
+  // Weight row (tap * C + channel): a pixel's channel list indexes rows with offset tap * C.
+  // One image per chunk, so each [9C, kTile] tile of w serves all of the image's pixels while in cache.
+  ParallelFor(pool, b, [&](int64_t bi) {
+    Segment segs[9];
+    for (int64_t n0 = 0; n0 < o; n0 += kTile) {
+      for (int64_t yi = 0; yi < h; ++yi) {
+        for (int64_t xi = 0; xi < wd; ++xi) {
+          int s = 0;
+          for (int64_t dy = 0; dy < 3; ++dy)
+            for (int64_t dx = 0; dx < 3; ++dx)
+              segs[s++] = RowSegment(pix, (bi * hp + yi + dy) * wp + xi + dx, (dy * 3 + dx) * c);
+          AccumulateTile(y + ((bi * h + yi) * wd + xi) * o + n0, wdata + n0, o, segs, 9, std::min(kTile, o - n0));
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// a: [B, H+2, W+2, C] zero-padded spikes; g: [B, H+2, W+2, O] the zero-padded output gradient;
+// out[dy, dx, c, :] = sum over output pixels p of a[p + (dy, dx), c] * g[p, :] (p in unpadded coordinates).
+// With q = p + (dy, dx) the padded pixel where channel c spikes, p sits at padded flat index
+// q + (1 - dy) * (W + 2) + (1 - dx): a row offset per tap on the transposed product, which never leaves
+// the padded frame because spikes only lie inside it (outside the image, g's padding is zero).
+ffi::Error SpikeConv3x3WGradImpl(ffi::ThreadPool pool, Image a, Image g, ffi::Result<Image> out) {
+  const int64_t b = a.dimensions()[0], hp = a.dimensions()[1], wp = a.dimensions()[2], c = a.dimensions()[3];
+  const int64_t o = g.dimensions()[3];
+  if (g.dimensions()[0] != b || g.dimensions()[1] != hp || g.dimensions()[2] != wp)
+    return ffi::Error::InvalidArgument("SpikeConv3x3WGrad: g must be zero-padded like a: [B, H+2, W+2, O]");
+  const int64_t pixels = b * hp * wp;
+  if (!Indexable(pixels, c)) return TooLarge("SpikeConv3x3WGrad");
+  const CompressedRows chan = Transpose(CompressRows(pool, a.typed_data(), pixels, c), pixels, c);
+  std::vector<int64_t> offsets;
+  for (int64_t dy = 0; dy < 3; ++dy)
+    for (int64_t dx = 0; dx < 3; ++dx) offsets.push_back((1 - dy) * wp + (1 - dx));
+  TransposedProduct(pool, chan, pixels, c, g.typed_data(), o, offsets, out->typed_data(), c * o);
+  return ffi::Error::Success();
+}
+
+// Every kernel: XLA's intra-op thread pool, two float32 operands, one float32 result.
+template <typename Buffer>
+auto BindTwoToOne() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Buffer>().template Arg<Buffer>().template Ret<Buffer>();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeMatmul, SpikeMatmulImpl, BindTwoToOne<Matrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeMatmulT, SpikeMatmulTImpl, BindTwoToOne<Matrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeConv3x3, SpikeConv3x3Impl, BindTwoToOne<Image>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeConv3x3WGrad, SpikeConv3x3WGradImpl, BindTwoToOne<Image>());

@@ -7,6 +7,9 @@ ratio, and the largest difference relative to the result's largest magnitude. Th
 either has no sparse operand and is XLA's in both.
 
   /tmp/venv/bin/python -m benchmarks.spike_kernels   # writes benchmarks/results/spike_kernels.md
+  # The portable loops that CPUs without AVX-512 get:
+  SPIKINGFORMER_KERNEL_CFLAGS=-mno-avx512f /tmp/venv/bin/python -m benchmarks.spike_kernels \
+      --out benchmarks/results/spike_kernels_portable.md
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from spikingformer_jax import kernels  # noqa: E402
-from spikingformer_jax.kernels import products  # noqa: E402
+from spikingformer_jax.kernels import build, products  # noqa: E402
 
 # (name, spike operand shape, weight shape, density): T*B = 64 images, T*B*N = 4096 tokens.
 DENSE = [('mlp1 (block 3)', (4096, 384), (384, 1536), 0.130), ('mlp2', (4096, 1536), (1536, 384), 0.034),
@@ -85,12 +88,16 @@ def main():
       rows.append([name, product, f'{density:.3f}', f'{2 * macs / 1e9:.1f}', f'{xla_ms:.1f}', f'{our_ms:.1f}',
                    f'{xla_ms / our_ms:.2f}x', f'{_rel(our_fn(*xla_args), xla_fn(*xla_args)):.1e}'])
       print(' | '.join(rows[-1]), flush=True)
+  extra = os.environ.get('SPIKINGFORMER_KERNEL_CFLAGS')
+  command = (f'SPIKINGFORMER_KERNEL_CFLAGS={extra} ' if extra else '') + common.command_line('benchmarks.spike_kernels')
   lines = ['# Sparse spike kernels vs XLA, one product at a time (CIFAR 4-384 training-step shapes)', '',
-           f'Command: `{common.command_line("benchmarks.spike_kernels")}`', '']
+           f'Command: `{command}`', '']
   lines += common.machine_lines()
   lines += ['', f'Random 0/1 spike operands at each layer\'s density in the training step; medians over {args.rounds} '
             f'interleaved blocks of {args.repeats} calls. XLA: Eigen convolutions and matmuls (the '
-            '`cpu_runtime.CPU_FLAGS` options); kernels: spikingformer_jax/kernels (AVX-512 build). '
+            '`cpu_runtime.CPU_FLAGS` options); kernels: spikingformer_jax/kernels, '
+            + ('the AVX-512 build. ' if build.load().SpikeKernelsVectorized() else
+               f'the portable loops (compiler flags {" ".join(build.flags())}). ') +
             'Difference: largest |kernels - XLA| over the largest |XLA|.', '']
   lines += common.markdown_table(['product', 'pass', 'spike density', 'dense GFLOP', 'XLA ms', 'kernels ms',
                                   'speed-up', 'difference'], rows)

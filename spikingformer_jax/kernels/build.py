@@ -3,7 +3,8 @@
 The library is built with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) for the host CPU
 (`-march=native`: AVX-512 where the CPU has it) against the XLA FFI headers that jaxlib ships, and cached
 under `$SPIKINGFORMER_JAX_CACHE` (default `~/.cache/spikingformer_jax`) by a hash of the source, the
-compiler, the flags, jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it.
+compiler, the flags (plus any in `$SPIKINGFORMER_KERNEL_CFLAGS`, e.g. `-mno-avx512f` to measure the portable
+loops), jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it.
 The library is written to a temporary name and renamed, so a concurrent or interrupted build never leaves
 a half-written library behind under the cached name.
 """
@@ -19,6 +20,7 @@ import subprocess
 
 import jax
 import jaxlib
+from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name('spike_products.cc')
 TARGETS = ('SpikeMatmul', 'SpikeMatmulT', 'SpikeConv3x3', 'SpikeConv3x3WGrad')
@@ -48,13 +50,17 @@ def _cpu_flags() -> str:
     return ''
 
 
+def flags() -> tuple[str, ...]:
+  return FLAGS + tuple(os.environ.get('SPIKINGFORMER_KERNEL_CFLAGS', '').split())
+
+
 def library_path(cxx: str) -> pathlib.Path:
   try:
     version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
   except (OSError, subprocess.SubprocessError) as e:
     raise KernelBuildError(f'cannot run the C++ compiler {cxx!r}: {e}') from e
   key = hashlib.sha256('\0'.join(
-      [SOURCE.read_text(), cxx, version, ' '.join(FLAGS), jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
+      [SOURCE.read_text(), cxx, version, ' '.join(flags()), jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
   return cache_dir() / f'spike_products-{key[:16]}.so'
 
 
@@ -69,7 +75,7 @@ def build_library() -> pathlib.Path:
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(f'{path.name}.{os.getpid()}.partial')
-  command = [cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(partial)]
+  command = [cxx, *flags(), '-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(partial)]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
   except (OSError, subprocess.SubprocessError) as e:
@@ -87,6 +93,10 @@ def build_library() -> pathlib.Path:
 def load() -> ctypes.CDLL:
   """Builds (or finds) the library, loads it and registers its FFI targets for the CPU; once per process."""
   lib = ctypes.CDLL(str(build_library()))
+  if not lib.SpikeKernelsVectorized():
+    logging.warning('The spike kernels were built without AVX-512 (this CPU lacks it): their portable loops ran '
+                    'slower than XLA\'s products for dense layers and the denser convolutions '
+                    '(benchmarks/results/spike_kernels_portable.md); measure before using spike_kernels=True here.')
   for name in TARGETS:
     jax.ffi.register_ffi_target(PREFIX + name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
   return lib

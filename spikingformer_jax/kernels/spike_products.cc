@@ -362,6 +362,15 @@ auto BindTwoToOne() {
 
 }  // namespace
 
+// 1 if this build has the AVX-512 paths (the fast ones), 0 if only the portable loops.
+extern "C" int SpikeKernelsVectorized() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeMatmul, SpikeMatmulImpl, BindTwoToOne<Matrix>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeMatmulT, SpikeMatmulTImpl, BindTwoToOne<Matrix>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeConv3x3, SpikeConv3x3Impl, BindTwoToOne<Image>());

@@ -7,8 +7,10 @@ ratio, and the largest difference relative to the result's largest magnitude. Th
 either has no sparse operand and is XLA's in both.
 
   /tmp/venv/bin/python -m benchmarks.spike_kernels   # writes benchmarks/results/spike_kernels.md
-  # The portable loops that CPUs without AVX-512 get:
+  # What CPUs without AVX-512 get: the AVX2 paths, and without AVX2 the portable loops:
   SPIKINGFORMER_KERNEL_CFLAGS=-mno-avx512f /tmp/venv/bin/python -m benchmarks.spike_kernels \
+      --out benchmarks/results/spike_kernels_avx2.md
+  SPIKINGFORMER_KERNEL_CFLAGS='-mno-avx512f -mno-avx2' /tmp/venv/bin/python -m benchmarks.spike_kernels \
       --out benchmarks/results/spike_kernels_portable.md
 """
 from __future__ import annotations
@@ -96,8 +98,8 @@ def main():
   lines += ['', f'Random 0/1 spike operands at each layer\'s density in the training step; medians over {args.rounds} '
             f'interleaved blocks of {args.repeats} calls. XLA: Eigen convolutions and matmuls (the '
             '`cpu_runtime.CPU_FLAGS` options); kernels: spikingformer_jax/kernels, '
-            + ('the AVX-512 build. ' if build.load().SpikeKernelsVectorized() else
-               f'the portable loops (compiler flags {" ".join(build.flags())}). ') +
+            + ('the portable loops', 'the AVX2 paths', 'the AVX-512 paths')[build.load().SpikeKernelsVectorized()]
+            + f' (compiler flags {" ".join(build.flags())}). '
             'Difference: largest |kernels - XLA| over the largest |XLA|.', '']
   lines += common.markdown_table(['product', 'pass', 'spike density', 'dense GFLOP', 'XLA ms', 'kernels ms',
                                   'speed-up', 'difference'], rows)

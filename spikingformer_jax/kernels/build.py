@@ -3,8 +3,7 @@
 The library is built with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) for the host CPU
 (`-march=native`: AVX-512 where the CPU has it) against the XLA FFI headers that jaxlib ships, and cached
 under `$SPIKINGFORMER_JAX_CACHE` (default `~/.cache/spikingformer_jax`) by a hash of the source, the
-compiler, the flags (plus any in `$SPIKINGFORMER_KERNEL_CFLAGS`, e.g. `-mno-avx512f` to measure the portable
-loops), jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it.
+compiler, the flags (plus any in `$SPIKINGFORMER_KERNEL_CFLAGS`, e.g. `-mno-avx512f` to measure the AVX2 path), jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it.
 The library is written to a temporary name and renamed, so a concurrent or interrupted build never leaves
 a half-written library behind under the cached name.
 """
@@ -94,9 +93,9 @@ def load() -> ctypes.CDLL:
   """Builds (or finds) the library, loads it and registers its FFI targets for the CPU; once per process."""
   lib = ctypes.CDLL(str(build_library()))
   if not lib.SpikeKernelsVectorized():
-    logging.warning('The spike kernels were built without AVX-512 (this CPU lacks it): their portable loops ran '
-                    'slower than XLA\'s products for dense layers and the denser convolutions '
-                    '(benchmarks/results/spike_kernels_portable.md); measure before using spike_kernels=True here.')
+    logging.warning('The spike kernels were built without AVX2/FMA or AVX-512 (this CPU lacks them): their portable '
+                    'loops ran up to 3x slower than XLA\'s products (benchmarks/results/spike_kernels_portable.md); '
+                    'measure before using spike_kernels=True here.')
   for name in TARGETS:
     jax.ffi.register_ffi_target(PREFIX + name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
   return lib

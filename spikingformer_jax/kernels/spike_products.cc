@@ -14,7 +14,8 @@
 //                 g zero-padded to [B, H+2, W+2, O]
 //
 // Work is split over XLA's intra-op thread pool. Output columns are processed in tiles of kTile floats
-// that stay in vector registers while the selected rows are accumulated.
+// that stay in vector registers (AVX-512, or AVX2 + FMA in two halves) while the selected rows are
+// accumulated; other CPUs get portable loops, which the compiler vectorises with the tile in memory.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -25,7 +26,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -88,32 +89,65 @@ struct Segment {
   int64_t offset;
 };
 
+// The vector operations of the widest instruction set the build has: kLanes floats per register, plain
+// and masked loads and stores (a mask keeps the first n lanes), fused multiply-add.
 #if defined(__AVX512F__)
-// AccumulateTile for a tile of NV vectors of 16 floats, the last one masked to `last` lanes; the
-// accumulators stay in registers.
+#define SPIKE_KERNELS_VECTORIZED 2
+struct Isa {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static Mask First(int n) { return static_cast<Mask>(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
+  static Vec Zero() { return _mm512_setzero_ps(); }
+  static Vec Splat(float x) { return _mm512_set1_ps(x); }
+  static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec Load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static void Store(float* p, Mask m, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+  static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SPIKE_KERNELS_VECTORIZED 1
+struct Isa {
+  using Vec = __m256;
+  using Mask = __m256i;  // lanes set to -1 are kept
+  static constexpr int kLanes = 8;
+  static Mask First(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static Vec Zero() { return _mm256_setzero_ps(); }
+  static Vec Splat(float x) { return _mm256_set1_ps(x); }
+  static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec Load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static void Store(float* p, Mask m, Vec v) { _mm256_maskstore_ps(p, m, v); }
+  static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#else
+#define SPIKE_KERNELS_VECTORIZED 0
+#endif
+
+#if SPIKE_KERNELS_VECTORIZED
+// AccumulateTile for NV vectors, the last one masked by `last`; the accumulators stay in registers.
 template <int NV>
 void AccumulateVectors(float* __restrict out, const float* __restrict base, int64_t stride,
-                       const Segment* segs, int n_segs, __mmask16 last, bool accumulate) {
-  __m512 acc[NV];
+                       const Segment* segs, int n_segs, Isa::Mask last, bool accumulate) {
+  constexpr int L = Isa::kLanes;
+  Isa::Vec acc[NV];
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 mask = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
-    acc[v] = accumulate ? _mm512_maskz_loadu_ps(mask, out + 16 * v) : _mm512_setzero_ps();
-  }
+  for (int v = 0; v < NV; ++v)
+    acc[v] = !accumulate ? Isa::Zero() : v < NV - 1 ? Isa::Load(out + L * v) : Isa::Load(out + L * v, last);
   for (int s = 0; s < n_segs; ++s) {
     const Segment& g = segs[s];
     for (int64_t i = 0; i < g.n; ++i) {
       const float* p = base + (g.idx[i] + g.offset) * stride;
-      const __m512 x = _mm512_set1_ps(g.val[i]);
+      const Isa::Vec x = Isa::Splat(g.val[i]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const __mmask16 mask = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
-        acc[v] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, p + 16 * v), acc[v]);
-      }
+      for (int v = 0; v < NV; ++v)
+        acc[v] = Isa::Fma(x, v < NV - 1 ? Isa::Load(p + L * v) : Isa::Load(p + L * v, last), acc[v]);
     }
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + 16 * v, v == NV - 1 ? last : 0xFFFF, acc[v]);
+  for (int v = 0; v < NV - 1; ++v) Isa::Store(out + L * v, acc[v]);
+  Isa::Store(out + L * (NV - 1), last, acc[NV - 1]);
 }
 #endif
 
@@ -121,22 +155,27 @@ void AccumulateVectors(float* __restrict out, const float* __restrict base, int6
 // for width <= kTile; `accumulate` adds to out's values instead of overwriting them.
 void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t stride,
                     const Segment* segs, int n_segs, int64_t width, bool accumulate = false) {
-#if defined(__AVX512F__)
-  const int nv = static_cast<int>((width + 15) / 16);
-  const int rem = static_cast<int>(width - 16 * (nv - 1));
-  const __mmask16 last = static_cast<__mmask16>(rem == 16 ? 0xFFFFu : (1u << rem) - 1u);
-  switch (nv) {
-    case 1: return AccumulateVectors<1>(out, base, stride, segs, n_segs, last, accumulate);
-    case 2: return AccumulateVectors<2>(out, base, stride, segs, n_segs, last, accumulate);
-    case 3: return AccumulateVectors<3>(out, base, stride, segs, n_segs, last, accumulate);
-    case 4: return AccumulateVectors<4>(out, base, stride, segs, n_segs, last, accumulate);
-    case 5: return AccumulateVectors<5>(out, base, stride, segs, n_segs, last, accumulate);
-    case 6: return AccumulateVectors<6>(out, base, stride, segs, n_segs, last, accumulate);
-    case 7: return AccumulateVectors<7>(out, base, stride, segs, n_segs, last, accumulate);
-    case 8: return AccumulateVectors<8>(out, base, stride, segs, n_segs, last, accumulate);
-    default: break;
+#if SPIKE_KERNELS_VECTORIZED
+  // At most 8 accumulators (of the 16 or 32 registers): AVX2 takes a 128-float tile in two parts.
+  constexpr int64_t kPart = 8 * Isa::kLanes;
+  for (int64_t j0 = 0; j0 < width; j0 += kPart) {
+    const int64_t part = std::min(kPart, width - j0);
+    const int nv = static_cast<int>((part + Isa::kLanes - 1) / Isa::kLanes);
+    const Isa::Mask last = Isa::First(static_cast<int>(part - Isa::kLanes * (nv - 1)));
+    float* o = out + j0;
+    const float* b = base + j0;
+    switch (nv) {
+      case 1: AccumulateVectors<1>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 2: AccumulateVectors<2>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 3: AccumulateVectors<3>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 4: AccumulateVectors<4>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 5: AccumulateVectors<5>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 6: AccumulateVectors<6>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 7: AccumulateVectors<7>(o, b, stride, segs, n_segs, last, accumulate); break;
+      default: AccumulateVectors<8>(o, b, stride, segs, n_segs, last, accumulate); break;
+    }
   }
-#endif
+#else
   float acc[kTile] = {0.0f};
   if (accumulate) std::copy_n(out, width, acc);
   for (int s = 0; s < n_segs; ++s) {
@@ -148,6 +187,7 @@ void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t
     }
   }
   std::copy_n(acc, width, out);
+#endif
 }
 
 // The number of non-zero entries of row[0:n].
@@ -180,6 +220,17 @@ void CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx
                              _mm512_maskz_compress_epi32(nz, _mm512_add_epi32(lane, _mm512_set1_epi32(j))));
     _mm512_mask_storeu_ps(val + count, first, _mm512_maskz_compress_ps(nz, x));
     count += m;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 <= n; j += 8) {
+    for (unsigned nz = static_cast<unsigned>(_mm256_movemask_ps(
+             _mm256_cmp_ps(_mm256_loadu_ps(row + j), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+         nz; nz &= nz - 1) {
+      const int64_t at = j + __builtin_ctz(nz);
+      idx[count] = static_cast<int32_t>(at);
+      val[count] = row[at];
+      ++count;
+    }
   }
 #endif
   for (; j < n; ++j) {
@@ -362,14 +413,8 @@ auto BindTwoToOne() {
 
 }  // namespace
 
-// 1 if this build has the AVX-512 paths (the fast ones), 0 if only the portable loops.
-extern "C" int SpikeKernelsVectorized() {
-#if defined(__AVX512F__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+// Which vector paths this build has: 2 AVX-512, 1 AVX2 + FMA, 0 only the portable loops.
+extern "C" int SpikeKernelsVectorized() { return SPIKE_KERNELS_VECTORIZED; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeMatmul, SpikeMatmulImpl, BindTwoToOne<Matrix>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeMatmulT, SpikeMatmulTImpl, BindTwoToOne<Matrix>());

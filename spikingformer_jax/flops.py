@@ -231,12 +231,12 @@ class _Walker:
         out_vals, out_infos = self.walk(body[0], body[1], list(in_vals) if evaluate else None,
                                         list(in_infos), location)
       else:
-        out_vals = self._bind(eqn, in_vals) if evaluate else [None] * len(eqn.outvars)
         if eqn.primitive.name == 'ffi_call':
           raise ValueError(
               f'{location or "<top level>"}: a foreign-function call (such as the products of '
               'spikingformer_jax.kernels) hides its arithmetic from this analysis; trace the model with '
               'spike_kernels=False, which has the same parameters and computes the same products.')
+        out_vals = self._bind(eqn, in_vals) if evaluate else [None] * len(eqn.outvars)
         if eqn.primitive.name in PRODUCT_PRIMITIVES:
           out_infos = [self._record(eqn, in_vals, in_infos, location, evaluate)]
         else:

@@ -1,11 +1,12 @@
 """Compiles `spike_products.cc` for this machine on first use and registers its XLA FFI targets.
 
 The library is built with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) for the host CPU
-(`-march=native`: AVX-512 where the CPU has it) against the XLA FFI headers that jaxlib ships, and cached
-under `$SPIKINGFORMER_JAX_CACHE` (default `~/.cache/spikingformer_jax`) by a hash of the source, the
-compiler, the flags (plus any in `$SPIKINGFORMER_KERNEL_CFLAGS`, e.g. `-mno-avx512f` to measure the AVX2 path), jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it.
-The library is written to a temporary name and renamed, so a concurrent or interrupted build never leaves
-a half-written library behind under the cached name.
+(`-march=native`: the AVX-512 or AVX2 paths where the CPU has them) against the XLA FFI headers that jaxlib
+ships. It is cached under `$SPIKINGFORMER_JAX_CACHE` (default `~/.cache/spikingformer_jax`) by a hash of the
+source, the compiler, the flags (plus any in `$SPIKINGFORMER_KERNEL_CFLAGS`, e.g. `-mno-avx512f` to measure
+the AVX2 paths), jaxlib's version and the CPU's feature flags, so a change of any of them rebuilds it. The
+library is written to a temporary name and renamed, so a concurrent or interrupted build never leaves a
+half-written library behind under the cached name.
 """
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 from spikingformer_jax import cpu_runtime
 
@@ -36,16 +35,6 @@ DENSE = [('mlp1 (block 3)', (4096, 384), (384, 1536), 0.130), ('mlp2', (4096, 15
          ('q/k/v (block 3)', (4096, 384), (384, 384), 0.127), ('q/k/v (block 0)', (4096, 384), (384, 384), 0.037)]
 CONV = [('stage1 conv', (64, 32, 32, 48), (3, 3, 48, 96), 0.070), ('stage2 conv', (64, 32, 32, 96), (3, 3, 96, 192), 0.046),
         ('stage3 conv', (64, 16, 16, 192), (3, 3, 192, 384), 0.257), ('stage4 conv', (64, 8, 8, 384), (3, 3, 384, 384), 0.199)]
-
-
-def _timed(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - start)
-  return samples
 
 
 def _rel(a, b) -> float:
@@ -81,7 +70,7 @@ def main():
     times = {k: [] for k in contenders}
     for _ in range(args.rounds):
       for k, (fn, fn_args) in contenders.items():
-        times[k] += _timed(fn, fn_args, args.repeats)
+        times[k] += common.median_time(lambda: jax.block_until_ready(fn(*fn_args)), args.repeats)[1]
     for product in ('forward', 'weight gradient'):
       xla_ms = statistics.median(times[(product, 'xla')]) * 1e3
       our_ms = statistics.median(times[(product, 'kernels')]) * 1e3

@@ -79,6 +79,7 @@ def audit(model, input_shape, model_name: str = '') -> AuditReport:
     variables = jax.eval_shape(lambda: text_model.init_variables(model, jax.random.PRNGKey(0), batch, length))
     trace = flops.text_model_trace(model, variables, batch, length)
   else:
+    model = models.per_step_stem(model)  # the products as the reference computes them
     variables = models.abstract_variables(model, tuple(input_shape))
     trace = flops.model_trace(model, variables, tuple(input_shape))
   return AuditReport(model_name or type(model).__name__, trace.products)

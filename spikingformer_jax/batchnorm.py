@@ -103,7 +103,10 @@ class BatchNorm(nn.Module):
   dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x, mask: Optional[jax.Array] = None):
+  def __call__(self, x, mask: Optional[jax.Array] = None, repeats: int = 1):
+    """`repeats`: x stands for that many identical copies of itself (a static image at each of T time
+    steps). Mean and biased variance are those of the copies; the running variance's unbiased
+    correction n / (n - 1) counts every copy."""
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
@@ -114,6 +117,7 @@ class BatchNorm(nn.Module):
       return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias)
     y, mean, var, n = batch_norm_train(x, scale, bias, mask, self.epsilon)
     if not self.is_initializing():
+      n = n * repeats
       unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
       ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * jax.lax.stop_gradient(mean)
       ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * jax.lax.stop_gradient(unbiased)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spikingformer_jax import flops, layers
+from spikingformer_jax import flops, layers, models
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -176,6 +176,7 @@ def measure(model, variables, batches: Iterable[Mapping[str, Any]], train: bool 
   real examples) with the batch's own statistics, so the rates are those that a training step's
   products see (benchmarks/spike_density.py), not the deployed model's.
   """
+  model = models.per_step_stem(model)
   traced = products = lif_sums = mean_sums = binary = batch_stats = None
   text = False
   count = tokens = 0

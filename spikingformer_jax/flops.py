@@ -47,7 +47,7 @@ _KEEPS_FIRST = frozenset((
     'reshape', 'transpose', 'broadcast_in_dim', 'squeeze', 'expand_dims', 'rev', 'slice',
     'dynamic_slice', 'gather', 'copy', 'copy_p', 'convert_element_type', 'reduce_precision', 'reduce_max',
     'reduce_min', 'reduce_and', 'reduce_or', 'stop_gradient', 'sharding_constraint', 'mesh_cast',
-    'reshard', 'abs', 'floor', 'ceil', 'round', 'sign', 'cummax', 'cummin'))
+    'reshard', 'abs', 'floor', 'ceil', 'round', 'sign', 'cummax', 'cummin', 'name'))
 # Output binary iff every operand is.
 _KEEPS_ALL = frozenset(('mul', 'max', 'min', 'and', 'or', 'concatenate', 'pad'))
 

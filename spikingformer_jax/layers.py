@@ -4,6 +4,12 @@ Shapes: images `[T, B, H, W, C]`, token sequences `[T, B, N, D]`. Convolutions, 
 BatchNorm act on all time steps at once, so BatchNorm statistics are pooled over T, B and
 space/tokens exactly as the reference's `flatten(0, 1)` does. Every LIF output is sown into the
 'spikes' collection under the reference's module name, for parity tests and firing rates.
+
+Rematerialisation (`REMAT_POLICY`): every product's output is named PRODUCT_OUT and every spike
+operand of a product SPIKE_OPERAND, kept as int8 (spikes are 0/1; Spikformer's residual stream holds
+small integer counts). A model remats with the policy that saves only these: the backward pass then
+holds one activation per product in the compute dtype plus its spike input in one byte, and
+recomputes BatchNorm, LIF and max-pooling from them, which are elementwise or nearly so.
 """
 from __future__ import annotations
 
@@ -13,12 +19,41 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from spikingformer_jax import kernels, neurons
 from spikingformer_jax.batchnorm import BatchNorm
 
 Dtype = Any
 SPIKES = 'spikes'
+PRODUCT_OUT = 'product_out'
+SPIKE_OPERAND = 'spike_operand'
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(PRODUCT_OUT, SPIKE_OPERAND)
+
+
+@jax.custom_jvp
+def spike_operand(x):
+  """x (0/1 spikes or small integer counts) through an int8 copy named SPIKE_OPERAND: what remat keeps.
+
+  Exact for integers in [-128, 127], and the identity for gradients; outside a rematerialised model
+  the two casts fuse into x's producer.
+  """
+  return checkpoint_name(x.astype(jnp.int8), SPIKE_OPERAND).astype(x.dtype)
+
+
+@spike_operand.defjvp
+def _spike_operand_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  return checkpoint_name(x.astype(jnp.int8), SPIKE_OPERAND).astype(x.dtype), x_dot
+
+
+def product_out(y):
+  return checkpoint_name(y, PRODUCT_OUT)
+
+
+def remat(module_cls):
+  """`module_cls` (called as `(x, train, ...)`) rematerialised with REMAT_POLICY."""
+  return nn.remat(module_cls, static_argnums=(2,), policy=REMAT_POLICY)
 
 
 def torch_uniform_init(fan_in_axes: Sequence[int] = (-2,)):
@@ -54,6 +89,8 @@ def batch_norm(train: bool, dtype: Dtype, name: str) -> BatchNorm:
 class ChannelDense(nn.Module):
   """A 1x1 convolution on channels-last data (the reference's Conv1d/Conv2d with kernel size 1).
 
+  Its input is spikes or small integer counts (`spike_operand`).
+
   spike_kernels: the product goes through `kernels.dot_general` (sparse on the CPU; same parameters).
   """
   features: int
@@ -64,9 +101,10 @@ class ChannelDense(nn.Module):
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
-    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in),
-                    dot_general=kernels.dot_general if self.spike_kernels else None, name='dense')(x)
+    y = nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in),
+                 dot_general=kernels.dot_general if self.spike_kernels else None, name='dense')(spike_operand(x))
+    return product_out(y)
 
 
 class LIF(nn.Module):
@@ -93,10 +131,15 @@ class ParametricLIF(nn.Module):
 
 
 def _time_fold(fn, x):
-  """Applies `fn` to `[T*B, ...]` and restores `[T, B, ...]`."""
+  """Applies `fn` to `[B*T, ...]` and restores `[T, B, ...]`.
+
+  The batch is the major half of the folded axis: a batch split over devices stays split (each device
+  holds whole examples), so a data-parallel step runs the convolutions on its own examples. Folding
+  time-major would interleave the devices' examples and make the partitioner gather the batch.
+  """
   t, b = x.shape[:2]
-  y = fn(x.reshape((t * b,) + x.shape[2:]))
-  return y.reshape((t, b) + y.shape[1:])
+  y = fn(jnp.swapaxes(x, 0, 1).reshape((b * t,) + x.shape[2:]))
+  return jnp.swapaxes(y.reshape((b, t) + y.shape[1:]), 0, 1)
 
 
 def max_pool(x):
@@ -105,22 +148,26 @@ def max_pool(x):
 
 
 class ConvBN(nn.Module):
-  """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]`.
+  """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]` (or `[B, H, W, C]`, see `repeats`).
 
+  spike_input: the input is spikes or small integer counts (`spike_operand`); False for the image.
   spike_kernels: the conv goes through `kernels.conv_general_dilated` (sparse on the CPU; same parameters).
   """
   features: int
   dtype: Dtype = jnp.float32
+  spike_input: bool = True
   spike_kernels: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, repeats: int = 1):
+    """`repeats`: a `[B, H, W, C]` x stands for that many identical time steps (BatchNorm counts them)."""
     conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
                    param_dtype=jnp.float32, kernel_init=conv_kernel_init,
                    conv_general_dilated=kernels.conv_general_dilated if self.spike_kernels else None,
                    name='conv')
-    x = _time_fold(conv, x)
-    return batch_norm(train, self.dtype, 'bn')(x)
+    x = spike_operand(x) if self.spike_input else x
+    x = product_out(conv(x) if x.ndim == 4 else _time_fold(conv, x))
+    return batch_norm(train, self.dtype, 'bn')(x, repeats=repeats)
 
 
 class SpikingTokenizer(nn.Module):
@@ -135,24 +182,38 @@ class SpikingTokenizer(nn.Module):
   embed_dim: int
   pool: tuple[bool, bool, bool, bool]
   lif: neurons.LIFConfig
+  T: int
   style: str = 'spikingformer'
   dtype: Dtype = jnp.float32
   spike_kernels: bool = False
+  stem_once: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
+    """x: frames `[T, B, H, W, C]`, or a static image `[B, H, W, C]` (direct encoding).
+
+    A static image is the same at every step, and so are its stage-0 conv and BatchNorm outputs: with
+    `stem_once` they are computed once and broadcast over T (the values of T copies, T times less work).
+    """
     d = self.embed_dim
     widths = (d // 8, d // 4, d // 2, d, d)
+    stage0 = ConvBN(widths[0], dtype=self.dtype, spike_input=False, name='stage0')
+    if x.ndim == 5:
+      x = stage0(x, train)
+    elif self.stem_once:
+      x = stage0(x, train, repeats=self.T)
+      x = jnp.broadcast_to(x[None], (self.T,) + x.shape)
+    else:
+      x = stage0(jnp.broadcast_to(x[None], (self.T,) + x.shape), train)
     if self.style == 'spikformer':
       for k in range(4):
-        x = ConvBN(widths[k], dtype=self.dtype, spike_kernels=self.spike_kernels and k > 0,
-                   name=f'stage{k}')(x, train)
+        if k > 0:
+          x = ConvBN(widths[k], dtype=self.dtype, spike_kernels=self.spike_kernels, name=f'stage{k}')(x, train)
         x = LIF(self.lif, name=f'lif{k}')(x)
         if self.pool[k]:
           x = max_pool(x)
       rpe = ConvBN(widths[4], dtype=self.dtype, spike_kernels=self.spike_kernels, name='stage4')(x, train)
       return LIF(self.lif, name='lif4')(rpe) + x
-    x = ConvBN(widths[0], dtype=self.dtype, name='stage0')(x, train)
     for k in range(1, 5):
       pool = self.pool[k - 1]
       if self.style == 'cml' and pool:
@@ -202,6 +263,7 @@ class SpikingSelfAttention(nn.Module):
     if mask is not None:
       token_mask = mask[None, :, :, None].astype(k.dtype)
       k, v = k * token_mask, v * token_mask
+    q, k, v = spike_operand(q), spike_operand(k), spike_operand(v)
     heads = lambda y: y.reshape(t, b, n, self.num_heads, d // self.num_heads)
     q, k, v = heads(q), heads(k), heads(v)
     # Spike products are integer counts: accumulate in float32 and keep the intermediate count matrix in
@@ -220,7 +282,7 @@ class SpikingSelfAttention(nn.Module):
         qk = jnp.einsum('tbnhi,tbmhi->tbhnm', q, k, **f32)
       with jax.named_scope('qk_v'):
         y = jnp.einsum('tbhnm,tbmhj->tbnhj', qk, v, **f32)
-    y = (y * self.scale).reshape(t, b, n, d).astype(self.dtype)
+    y = product_out((y * self.scale).reshape(t, b, n, d).astype(self.dtype))
     lif_attn = self.lif.replace(v_threshold=self.attn_threshold)
     y = LIF(lif_attn, name='attn_lif')(y)
     y = ChannelDense(d, use_bias=True, dtype=self.dtype, spike_kernels=self.spike_kernels, name='proj_conv')(y)

@@ -38,7 +38,11 @@ class Spikingformer(nn.Module):
   # converter reads it for Spikformer, whose three codes name and shape the same tensors differently.
   reference_code: str = 'imagenet'
   dtype: Any = jnp.float32
+  # Rematerialise the tokenizer and each block, keeping only the products' outputs and their spike
+  # inputs (as int8) for the backward pass (layers.REMAT_POLICY).
   remat: bool = False
+  # A static image's stem conv and BatchNorm once instead of at each of the T steps (same values).
+  stem_once: bool = True
   # Products with a spike operand through the sparse CPU kernels (spikingformer_jax.kernels): the same
   # parameters and, up to float rounding, the same outputs; faster on the CPU, ignored elsewhere.
   spike_kernels: bool = False
@@ -46,11 +50,12 @@ class Spikingformer(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.time_major_input(x)
-    x = layers.SpikingTokenizer(self.embed_dim, self.pool, self.lif, self.style, self.dtype,
-                                spike_kernels=self.spike_kernels, name='tokenizer')(x, train)
+    tokenizer_cls = layers.remat(layers.SpikingTokenizer) if self.remat else layers.SpikingTokenizer
+    x = tokenizer_cls(self.embed_dim, self.pool, self.lif, self.T, self.style, self.dtype,
+                      spike_kernels=self.spike_kernels, stem_once=self.stem_once, name='tokenizer')(x, train)
     t, b, h, w, d = x.shape
     x = x.reshape(t, b, h * w, d)
-    block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+    block_cls = layers.remat(layers.Block) if self.remat else layers.Block
     for i in range(self.depth):
       x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif,
                     pre_activation=self.style != 'spikformer', attn_scale=self.attn_scale,
@@ -62,14 +67,14 @@ class Spikingformer(nn.Module):
                     name='head')(features)
 
   def time_major_input(self, x):
-    if x.ndim == 4:  # [B, H, W, C] static image: direct encoding, the analog image at every step.
-      x = jnp.broadcast_to(x[None], (self.T,) + x.shape)
-    elif x.ndim == 5:  # [B, T, H, W, C] frames.
+    """Frames `[B, T, H, W, C]` -> `[T, B, H, W, C]`; a static image `[B, H, W, C]` stays as it is: the
+    tokenizer's stem encodes it directly (the analog image at every step)."""
+    if x.ndim not in (4, 5):
+      raise ValueError(f'Expected images [B, H, W, C] or frames [B, T, H, W, C], got shape {x.shape}.')
+    if x.ndim == 5:
       if x.shape[1] != self.T:
         raise ValueError(f'Frame input has {x.shape[1]} time steps but the model has T={self.T}.')
       x = jnp.swapaxes(x, 0, 1)
-    else:
-      raise ValueError(f'Expected images [B, H, W, C] or frames [B, T, H, W, C], got shape {x.shape}.')
     return x.astype(self.dtype)
 
 
@@ -137,6 +142,15 @@ def get_spec(name: str) -> ModelSpec:
 
 def get_model(name: str, **overrides) -> nn.Module:
   return get_spec(name).build(**overrides)
+
+
+def per_step_stem(model: nn.Module) -> nn.Module:
+  """`model` computing a static image's stem at every time step, as the reference code does.
+
+  Same parameters and outputs; its traced products are those the paper's energy method counts (the
+  reference counts conv ops on the [T*B] batch, the stem's T identical copies included).
+  """
+  return model.clone(stem_once=False) if isinstance(model, Spikingformer) else model
 
 
 def init_variables(model: nn.Module, rng: jax.Array, example: jax.Array) -> dict:

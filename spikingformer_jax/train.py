@@ -208,17 +208,35 @@ def merge_pretrained(fresh: dict, pretrained: dict, addable: Sequence[str] = ())
   return traverse_util.unflatten_dict(merged), notes
 
 
-def create_state(ctx: StepContext, mesh, example: tuple, rng, init_from: str = ''):
-  """The initial state, created directly with its shardings (nothing materialised on one device first)."""
+def _state_init_fn(ctx: StepContext, example: tuple, rng) -> Callable[[], State]:
   def init():
     variables = ctx.model.init(rng, *example, train=False)
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'batch_stats': batch_stats,
             'opt_state': ctx.tx.init(params)}
+  return init
 
-  abstract = jax.eval_shape(init)
+
+def abstract_state(ctx: StepContext, mesh, example: tuple) -> tuple[State, Any]:
+  """The state's shapes and dtypes with their shardings on `mesh` (nothing allocated), and the shardings."""
+  abstract = jax.eval_shape(_state_init_fn(ctx, example, jax.random.PRNGKey(0)))
   shardings = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)()
+  with_shardings = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          abstract, shardings)
+  return with_shardings, shardings
+
+
+def jit_train_step(ctx: StepContext, state_shardings, mesh):
+  """`make_train_step` compiled for `mesh`: state sharded as given (and donated), batch split over devices."""
+  repl = sharding.replicated(mesh)
+  return jax.jit(make_train_step(ctx), in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl),
+                 out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+
+def create_state(ctx: StepContext, mesh, example: tuple, rng, init_from: str = ''):
+  """The initial state, created directly with its shardings (nothing materialised on one device first)."""
+  _, shardings = abstract_state(ctx, mesh, example)
+  state = jax.jit(_state_init_fn(ctx, example, rng), out_shardings=shardings)()
   if init_from:
     pretrained = checkpoint.load_variables(init_from)
     fresh = {'params': state['params'], 'batch_stats': state['batch_stats']}
@@ -365,16 +383,13 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
   state, state_shardings = create_state(ctx, mesh, example, rng, '' if latest is not None else config.init_from)
   iter_state = None
   if latest is not None:
-    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      state, state_shardings)
+    abstract, _ = abstract_state(ctx, mesh, example)
     state, iter_state, _ = checkpoint.restore(manager, latest, abstract)
     logging.info('Resumed from step %d in %s', latest, manager.directory)
   start_step = int(jax.device_get(state['step']))
 
-  repl = sharding.replicated(mesh)
   bsh = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(make_train_step(ctx), in_shardings=(state_shardings, bsh, repl),
-                     out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  train_fn = jit_train_step(ctx, state_shardings, mesh)
   eval_fn = jax.jit(make_eval_step(ctx), in_shardings=(state_shardings, bsh), out_shardings=bsh)
 
   train_loader = dm.make_loader(config.data, config.data.train_split, batch_size=config.batch_size, train=True,

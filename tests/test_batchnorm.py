@@ -101,3 +101,19 @@ def test_bfloat16_input_keeps_its_dtype_and_float32_statistics():
       jnp.float32) * jnp.arange(4.0)))(x)
   assert grad.dtype == jnp.bfloat16
 
+
+
+def test_repeats_count_every_copy_in_the_running_variance():
+  """x standing for T identical copies: the statistics of the copies, unbiased over all T * n positions."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(1.0, 2.0, size=(3, 4, 4, 5)).astype(np.float32)
+  copies = np.broadcast_to(x[None], (4,) + x.shape)
+  bn = batchnorm.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  y, once = bn.apply(variables, x, repeats=4, mutable=['batch_stats'])
+  y_copies, every = bn.apply(variables, copies, mutable=['batch_stats'])
+  want_y, mean, unbiased = _numpy_batch_norm(copies, 1.0, 0.0, None)
+  np.testing.assert_allclose(y, want_y[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(once['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(once['batch_stats']['var'], 0.9 + 0.1 * unbiased, rtol=1e-6)
+  np.testing.assert_allclose(once['batch_stats']['var'], every['batch_stats']['var'], rtol=1e-6)

@@ -7,7 +7,9 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_path
-from spikingformer_jax import models, torch_mapping
+from jax._src.ad_checkpoint import saved_residuals
+
+from spikingformer_jax import audit, models, torch_mapping
 from spikingformer_jax.kernels import build
 
 # The reference doc's "without LN" column (§2.7), i.e. the reference counts minus the unused LayerNorms.
@@ -149,6 +151,58 @@ def test_bfloat16_compute_keeps_float32_params_and_remat_matches():
   g = lambda m: jax.jit(jax.grad(lambda p: m.apply({**variables, 'params': p}, x).sum()))(variables['params'])
   for a, b in zip(jax.tree_util.tree_leaves(g(m32)), jax.tree_util.tree_leaves(g(mre))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _loss_grads_stats(model, variables, x):
+  def loss(p):
+    logits, state = model.apply({**variables, 'params': p}, x, train=True, mutable=['batch_stats', 'spikes'])
+    return jnp.sum(jnp.sin(logits)), state
+  (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  return value, grads, state
+
+
+def test_stem_once_equals_the_stem_at_every_step():
+  """A static image's stem conv + BatchNorm computed once equals T copies: outputs, statistics, gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3))
+  once = _small('spikingformer-cifar-4-384')
+  every = _small('spikingformer-cifar-4-384', stem_once=False)
+  variables = models.init_variables(once, jax.random.PRNGKey(1), x)
+  value_once, grads_once, state_once = _loss_grads_stats(once, variables, x)
+  value_every, grads_every, state_every = _loss_grads_stats(every, variables, x)
+  np.testing.assert_allclose(value_once, value_every, rtol=1e-5)
+  spikes = lambda s: jax.tree_util.tree_leaves(s['spikes'])
+  assert all(np.array_equal(a, b) for a, b in zip(spikes(state_once), spikes(state_every)))
+  for a, b in zip(jax.tree_util.tree_leaves(state_once['batch_stats']),
+                  jax.tree_util.tree_leaves(state_every['batch_stats'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree_util.tree_leaves(grads_once), jax.tree_util.tree_leaves(grads_every)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+  stem = lambda m: [p for p in audit.audit(m, (1, 16, 16, 3)).products if p.location == 'tokenizer/stage0/conv']
+  assert stem(once)[0].macs == stem(every)[0].macs  # analysis counts the stem as the reference computes it
+
+
+def test_remat_saves_only_int8_spikes_and_product_outputs():
+  """With remat, the backward pass keeps each product's output and its spike input as int8, nothing else."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  plain = _small('spikingformer-cifar-4-384', dtype=jnp.bfloat16)
+  rematted = _small('spikingformer-cifar-4-384', dtype=jnp.bfloat16, remat=True)
+  variables = models.init_variables(plain, jax.random.PRNGKey(1), x)
+
+  def residuals(model):
+    def loss(p):
+      return model.apply({**variables, 'params': p}, x, train=True, mutable=['batch_stats'])[0].sum()
+    return [(a, why) for a, why in saved_residuals(loss, variables['params']) if 'from the argument' not in why]
+
+  kept = residuals(rematted)
+  activations = [(a, why) for a, why in kept if a.size >= 2 * 16 * 16]  # not per-example vectors
+  named = {(str(a.dtype), why.split(' from ')[0]) for a, why in activations if 'named' in why}
+  assert named == {('int8', "named 'spike_operand'"), ('bfloat16', "named 'product_out'")}, activations
+  # Besides them, only the rematerialised units' inputs: the image, and the residual stream into the block.
+  boundaries = sorted(a.shape for a, why in activations if 'named' not in why)
+  assert boundaries == [(2, 16, 16, 3), (4, 2, 16, 32)], activations
+  kept_bytes = sum(a.size * a.dtype.itemsize for a, _ in kept)
+  plain_bytes = sum(a.size * a.dtype.itemsize for a, _ in residuals(plain))
+  assert kept_bytes < 0.5 * plain_bytes, (kept_bytes, plain_bytes)
 
 
 def test_pytorch_default_initialisation_bounds():

@@ -74,7 +74,7 @@ class SpikingformerText(nn.Module):
       x = x + match_embed(cross_segment_match(input_ids, segment_ids, mask))
     x = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='embed_norm')(x)
     x = jnp.broadcast_to(x.astype(self.dtype)[None], (self.T, b, n, self.embed_dim))
-    block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+    block_cls = layers.remat(layers.Block) if self.remat else layers.Block
     for i in range(self.depth):
       x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif, pre_activation=True,
                     attn_scale=self.attn_scale, dtype=self.dtype, spike_kernels=self.spike_kernels,

@@ -256,10 +256,11 @@ def lower_train_step(config, devices, per_chip_batch: int = 0) -> LoweredStep:
   return LoweredStep(lowered, config, ctx, example, mesh)
 
 
-def compile_report(config, topology: str, per_chip_batch: int = 0) -> dict:
+def compile_report(config, topology: str, per_chip_batch: int = 0, hlo_out: str = '') -> dict:
   """Compiles `config`'s training step for `topology`; returns the report (see the module docstring).
 
-  `per_chip_batch` > 0 sets the global batch to that many examples per chip.
+  `per_chip_batch` > 0 sets the global batch to that many examples per chip; `hlo_out` names a file for
+  the optimised HLO (per-chip program, with XLA's layouts and fusions).
   """
   devices, chip, xla_name = topology_devices(topology)
   n_chips = len(devices)
@@ -320,7 +321,11 @@ def compile_report(config, topology: str, per_chip_batch: int = 0) -> dict:
       'examples_per_second': per_chip_examples / seconds,
       'mfu': model_flops / (seconds * chip.peak_bf16_flops),
   }
-  report['collectives'] = collectives(compiled.as_text())
+  hlo = compiled.as_text()
+  report['collectives'] = collectives(hlo)
+  if hlo_out:
+    from etils import epath  # noqa: PLC0415
+    epath.Path(hlo_out).write_text(hlo)
   return report
 
 
@@ -356,7 +361,7 @@ def _main(argv):
   jax.config.update('jax_platforms', os.environ.get('JAX_PLATFORMS') or 'cpu')  # compile-only: no TPU here
   f = flags.FLAGS
   try:
-    report = compile_report(f.config, f.topology, f.per_chip_batch)
+    report = compile_report(f.config, f.topology, f.per_chip_batch, f.hlo_out)
   except (AotError, configs.ConfigError) as e:
     print(f'aot: error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -377,5 +382,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('topology', None, 'TPU slice: v5e-16, v4-32, v5p-64, or an XLA topology like v5e:4x4.')
   flags.DEFINE_integer('per_chip_batch', 0, 'Examples per chip (sets the global batch); 0 keeps the config\'s.')
   flags.DEFINE_string('out', '', 'Write the report as JSON here (a local or gs:// path).')
+  flags.DEFINE_string('hlo_out', '', 'Write the compiled per-chip HLO here (to see fusions, layouts, collectives).')
   flags.mark_flags_as_required(['config', 'topology'])
   app.run(_main)

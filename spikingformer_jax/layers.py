@@ -7,9 +7,10 @@ space/tokens exactly as the reference's `flatten(0, 1)` does. Every LIF output i
 
 Rematerialisation (`REMAT_POLICY`): every product's output is named PRODUCT_OUT and every spike
 operand of a product SPIKE_OPERAND, kept as int8 (spikes are 0/1; Spikformer's residual stream holds
-small integer counts). A model remats with the policy that saves only these: the backward pass then
-holds one activation per product in the compute dtype plus its spike input in one byte, and
-recomputes BatchNorm, LIF and max-pooling from them, which are elementwise or nearly so.
+small integer counts). A model remats with the policy that saves only these and BatchNorm's
+per-channel statistics: the backward pass then holds one activation per product in the compute dtype
+plus its spike input in one byte, and recomputes BatchNorm, LIF and max-pooling from them in
+elementwise passes.
 """
 from __future__ import annotations
 
@@ -21,14 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from spikingformer_jax import kernels, neurons
-from spikingformer_jax.batchnorm import BatchNorm
+from spikingformer_jax import batchnorm, kernels, neurons
 
 Dtype = Any
 SPIKES = 'spikes'
 PRODUCT_OUT = 'product_out'
 SPIKE_OPERAND = 'spike_operand'
-REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(PRODUCT_OUT, SPIKE_OPERAND)
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(PRODUCT_OUT, SPIKE_OPERAND, batchnorm.STATISTICS)
 
 
 @jax.custom_jvp
@@ -81,9 +81,9 @@ def bias_init(fan_in: int):
   return init
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str) -> BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str) -> batchnorm.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), float32 statistics and params."""
-  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
+  return batchnorm.BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 class ChannelDense(nn.Module):

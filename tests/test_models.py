@@ -182,7 +182,8 @@ def test_stem_once_equals_the_stem_at_every_step():
 
 
 def test_remat_saves_only_int8_spikes_and_product_outputs():
-  """With remat, the backward pass keeps each product's output and its spike input as int8, nothing else."""
+  """With remat, the backward pass keeps each product's output and its spike input as int8, nothing else
+  of activation size."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
   plain = _small('spikingformer-cifar-4-384', dtype=jnp.bfloat16)
   rematted = _small('spikingformer-cifar-4-384', dtype=jnp.bfloat16, remat=True)
@@ -197,6 +198,8 @@ def test_remat_saves_only_int8_spikes_and_product_outputs():
   activations = [(a, why) for a, why in kept if a.size >= 2 * 16 * 16]  # not per-example vectors
   named = {(str(a.dtype), why.split(' from ')[0]) for a, why in activations if 'named' in why}
   assert named == {('int8', "named 'spike_operand'"), ('bfloat16', "named 'product_out'")}, activations
+  # and BatchNorm's per-channel statistics, so recomputing a BatchNorm output is one elementwise pass.
+  assert any("named 'batchnorm_statistics'" in why for _, why in kept)
   # Besides them, only the rematerialised units' inputs: the image, and the residual stream into the block.
   boundaries = sorted(a.shape for a, why in activations if 'named' not in why)
   assert boundaries == [(2, 16, 16, 3), (4, 2, 16, 32)], activations

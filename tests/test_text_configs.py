@@ -59,7 +59,7 @@ def test_from_scratch_and_fine_tuning_recipes():
   assert (scratch.data.name, scratch.data.task_name, scratch.metric, scratch.model.num_classes) == (
       'sst2', 'sst2', 'accuracy', 2)
   assert scratch.init_from == '' and scratch.optim.lr == 2e-3 and scratch.num_epochs == 3
-  assert scratch.optim.warmup_epochs == pytest.approx(0.3) and scratch.optim.min_lr == 0.0
+  assert scratch.optim.warmup_epochs == 1 and scratch.optim.min_lr == 0.0
   assert not scratch.model.overrides.cross_segment_match  # one sentence: nothing to match
   assert scratch.data.word_dropout == 0.2
   assert glue_module.get_config('task=sst2_sentence,variant=8-768').optim.lr == 5e-4

@@ -425,6 +425,8 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
         if bar is not None:
           bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
       epoch_end = step % steps_per_epoch == 0
+      if deadline is not None:  # The clock must see executed steps, not steps queued by asynchronous dispatch.
+        jax.block_until_ready(step_metrics['loss'])
       out_of_time = deadline is not None and time.perf_counter() >= deadline
       eval_now = ((epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
                   or out_of_time)

@@ -2,10 +2,11 @@
 
   --config=experiments/imagenet.py:variant=8-768                  Spikingformer-8-768 (paper: 75.85 top-1)
   --config=experiments/imagenet.py:variant=8-512,family=spikformer
+  --config=experiments/imagenet.py:cpu                            10 CPU minutes on the real 50-image sample
   --config=experiments/imagenet.py:runlocal                       a CPU pipeline check (see below)
 
 Arguments: `variant` 8-384 | 8-512 | 8-768, `family` spikingformer | spikingformer-cml (the paper's
-Spikingformer†) | spikformer, `dtype` float32 | bfloat16, `runlocal`.
+Spikingformer†) | spikformer, `dtype` float32 | bfloat16, `cpu`, `runlocal`.
 
 Recipe (dossier §1.1): AdamW lr 5e-4, min 1e-5, warmup 20 epochs from 1e-6, timm cosine stepped per
 epoch over 300 epochs + 10 cooldown, weight decay 0.05 (none on 1-D params), label smoothing 0.1,
@@ -24,6 +25,11 @@ sample `../shared/data/imagenet_sample/sample224.npz` through the 'npz' source. 
 (`common.staged_sample_dir`): train and test are the same 50 images, a pipeline check, not an
 accuracy. Without the sample, runlocal keeps tfds `imagenet2012` (prepared, or under
 `tfds.testing.mock_data` as in the smoke suite).
+
+cpu: runlocal's model and 64x64 images, trained for 10 minutes (experiments/common.py `cpu_budget`,
+batch 8) on the sample's first 25 images and evaluated on the other 25. The sample holds one image per
+class, so the held-out images' classes are never trained on: the accuracy is 0 by construction, and the
+run shows the pipeline and the speed, not learning.
 """
 from spikingformer_jax import configs
 
@@ -33,7 +39,7 @@ BATCH = {'8-384': 288, '8-512': 288, '8-768': 192}
 
 
 def get_config(arg: str = ''):
-  args = common.parse_args(arg, variant='8-768', family='spikingformer', dtype='bfloat16')
+  args = common.parse_args(arg, variant='8-768', family='spikingformer', dtype='bfloat16', cpu=False)
   c = configs.base_config()
   c.seed = 42
   c.model.name = common.model_name(args.family, '', args.variant)
@@ -77,11 +83,17 @@ def get_config(arg: str = ''):
   c.checkpoint.every_steps = 2000
   c.metric = 'top1'
 
-  if args.runlocal:
+  if args.runlocal or args.cpu:
     common.shrink_for_cpu(c, steps=20, batch=8, train_examples=48, eval_examples=48)
     c.data.augment.image_size = 64
     c.data.num_workers = 0
-    sample = common.staged_sample_dir(common.shared_sample('imagenet_sample', 'sample224.npz'))
+    sample_file = common.shared_sample('imagenet_sample', 'sample224.npz')
+    if args.cpu:
+      common.cpu_budget(c, minutes=10.0, batch=8)
+      c.data.max_train_examples = c.data.max_eval_examples = -1
+      sample = common.split_sample_dir(sample_file, num_train=25)
+    else:
+      sample = common.staged_sample_dir(sample_file)
     if sample is not None:
       c.data.name = 'npz'
       c.data.data_dir = str(sample)

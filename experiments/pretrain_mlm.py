@@ -5,44 +5,35 @@
 
 The corpus directory holds *.txt files, one document per line (optionally in train/ and validation/
 sub-folders; otherwise every 100th document is held out). BERT's 15% / 80-10-10 masking over packed
-128-token sequences, with BERT's pretraining optimiser shape (AdamW, warmup, weight decay 0.01).
+128-token sequences, with BERT's pretraining optimiser shape (AdamW, warmup, weight decay 0.01) at the
+from-scratch rate of experiments/common.py `text_lr_from_scratch` (2e-3 for tiny, else 5e-4).
 Fine-tune with experiments/glue.py and --config.init_from=<this run's checkpoint>.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from experiments import common
 from spikingformer_jax import configs
 from spikingformer_jax.text import data
 from spikingformer_jax.text import model as text_model
 
 
-def parse_arg(arg: str) -> dict:
-  out = {}
-  for part in filter(None, (arg or '').split(',')):
-    key, _, value = part.partition('=')
-    out[key.strip()] = value.strip() if value else True
-  unknown = set(out) - {'variant', 'corpus', 'vocab', 'runlocal'}
-  if unknown:
-    raise ValueError(f'Unknown config argument(s) {sorted(unknown)}; expected variant=, corpus=, vocab=, runlocal.')
-  return out
-
-
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  args = parse_arg(arg)
-  variant = args.get('variant', '12-768')
+  args = common.parse_args(arg, variant='12-768', corpus='', vocab='')
+  variant = args.variant
   model_name = f'spikingformer-text-{variant}'
   if model_name not in text_model.TEXT_MODELS:
     sizes = [m[len('spikingformer-text-'):] for m in text_model.TEXT_MODELS]
     raise ValueError(f'variant={variant!r}: expected one of {sizes}.')
-  runlocal = bool(args.get('runlocal', False))
+  runlocal = args.runlocal
 
   c = configs.base_config()
   c.task = 'mlm'
   c.data.update(data.text_data_defaults())
   c.data.name = data.MLM_DATASET
-  c.data.data_dir = args.get('corpus', '')  # required: the trainer's validate() / dataset_info() say so if empty
-  c.data.vocab_file = args.get('vocab', '')
+  c.data.data_dir = args.corpus  # required: the trainer's validate() / dataset_info() say so if empty
+  c.data.vocab_file = args.vocab
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.max_len = 128
@@ -58,7 +49,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 256
   c.eval_batch_size = 256
   c.num_epochs = 40
-  c.optim.lr = 5e-4
+  c.optim.lr = common.text_lr_from_scratch('tiny' if runlocal else variant)
   c.optim.min_lr = 1e-5
   c.optim.warmup_lr = 0.0
   c.optim.warmup_epochs = 1

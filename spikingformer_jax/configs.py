@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.num_epochs = 10
   c.total_steps = -1  # >0 overrides num_epochs and sets the LR schedule's length (quick runs)
+  c.time_budget_minutes = 0.0  # >0: training stops after this much wall time (compiling included), then evaluates
   c.grad_accum_steps = 1
 
   c.optim = ml_collections.ConfigDict()
@@ -55,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr = 5e-4
   c.optim.min_lr = 1e-5
   c.optim.warmup_lr = 1e-6
-  c.optim.warmup_epochs = 0
+  c.optim.warmup_epochs = 0.0  # fractional epochs allowed (e.g. 10% of a 3-epoch run)
   c.optim.cooldown_epochs = 0
   c.optim.weight_decay = 0.05
   c.optim.b1 = 0.9
@@ -129,6 +130,7 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
   need(config.model.T >= 1, 'model.T', 'a positive number of time steps')
   need(config.model.num_classes >= 1, 'model.num_classes', 'at least 1')
   need(config.batch_size >= 1, 'batch_size', 'a positive global batch size')
+  need(config.time_budget_minutes >= 0, 'time_budget_minutes', '>= 0 (0 = no time limit)')
   need(config.grad_accum_steps >= 1, 'grad_accum_steps', '>= 1')
   need(config.batch_size % config.grad_accum_steps == 0, 'batch_size', 'divisible by grad_accum_steps')
   need(config.num_epochs >= 1 or config.total_steps > 0, 'num_epochs', '>= 1 (or total_steps > 0)')

@@ -21,9 +21,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  from spikingformer_jax import cpu_runtime, evaluate_only, train  # noqa: PLC0415 (after flags: jax config)
+  from spikingformer_jax import compile_cache, cpu_runtime, evaluate_only, train  # noqa: PLC0415 (jax after flags)
 
   cpu_runtime.apply_cpu_flags()
+  compile_cache.enable()
 
   config = FLAGS.config
   logging.info('Config:\n%s', config)

@@ -347,15 +347,19 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, 
 
   `stop_after_steps` ends this invocation early (as a preemption would), after saving a checkpoint.
   `devices` restricts the mesh to a subset of the local devices (default: all).
+  `config.time_budget_minutes` > 0 ends training once that much wall time has passed since this call
+  (start-up and compilation included), then evaluates and saves: a run on a fixed time budget.
   """
+  minutes = config.get('time_budget_minutes', 0.0)
+  deadline = time.perf_counter() + 60.0 * minutes if minutes > 0 else None
   preemption = _Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
   try:
-    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices)
+    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, deadline)
   finally:
     preemption.restore()
 
 
-def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) -> dict:
+def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, deadline) -> dict:
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = pathlib.Path(workdir)
@@ -411,6 +415,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
   images_seen, t0 = 0, time.perf_counter()
   step = start_step
   end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
+  budget_spent = False
   try:
     while step < end_step:
       batch = sharding.global_batch(next(train_iter), mesh)
@@ -435,7 +440,11 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
         if bar is not None:
           bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
       epoch_end = step % steps_per_epoch == 0
-      eval_now = (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
+      if deadline is not None:  # The clock must see executed steps, not steps queued by asynchronous dispatch.
+        jax.block_until_ready(step_metrics['loss'])
+      out_of_time = deadline is not None and time.perf_counter() >= deadline
+      eval_now = ((epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
+                  or out_of_time)
       metrics_for_ckpt = None
       if eval_now:
         last_eval = evaluate(eval_fn, state, eval_loader(), mesh, config, info)
@@ -453,6 +462,10 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
       if stop:
         logging.warning('Stopped at step %d on preemption; rerun the same command to resume.', step)
         break
+      if out_of_time:
+        logging.info('Time budget (config.time_budget_minutes) spent at step %d.', step)
+        budget_spent = True
+        break
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -460,7 +473,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices) 
     if bar is not None:
       bar.close()
   summary = {'step': step, 'total_steps': total_steps, 'final': last_eval, 'best': best,
-             'completed': step >= total_steps}
+             'completed': step >= total_steps or budget_spent}
   return summary
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import shared_path
 from experiments import cifar10, cifar10_dvs, cifar100, common, dvs128_gesture, imagenet, nmnist
-from spikingformer_jax import configs, data, models, train
+from spikingformer_jax import configs, data, models, optim, train
 
 MODULES = {'imagenet': imagenet, 'cifar10': cifar10, 'cifar100': cifar100, 'cifar10_dvs': cifar10_dvs,
            'dvs128_gesture': dvs128_gesture, 'nmnist': nmnist}
@@ -137,3 +137,27 @@ def test_runlocal_imagenet_reads_the_shared_sample_through_the_npz_source():
   info = data.dataset_info(c.data)
   assert (info.num_classes, info.example_shape, info.num_train) == (1000, (64, 64, 3), 48)
   assert (pathlib.Path(c.data.data_dir) / 'train.npz').resolve() == sample.resolve()
+
+
+def test_cpu_configs_cut_the_recipes_to_a_wall_time_budget():
+  c = cifar10.get_config('cpu')
+  # CIFAR-10 in 10 minutes: 2-256, T=4, batch 32, AdamW 5e-4 constant, weight decay 0.06, label smoothing 0.1,
+  # horizontal flips only, no mixup, on the real sample.
+  assert (c.model.name, c.model.overrides.depth, c.model.T, c.batch_size) == ('spikingformer-cifar-4-256', 2, 4, 32)
+  assert (c.optim.lr, c.optim.weight_decay, c.label_smoothing, c.time_budget_minutes) == (5e-4, 0.06, 0.1, 10.0)
+  schedule = optim.make_schedule(c.optim, c.num_epochs, 312)
+  assert [float(schedule(s)) for s in (0, 1, 5_000)] == pytest.approx([5e-4] * 3)  # no warmup, no decay
+  assert (c.data.augment.randaug, c.data.augment.reprob, c.data.augment.hflip) == ('', 0.0, 0.5)
+  assert c.mixup.mixup_alpha == c.mixup.cutmix_alpha == 0.0 and c.model.spike_kernels
+  assert c.data.name == 'cifar10_sample' and c.eval_every_epochs >= c.num_epochs  # one evaluation, at the end
+  assert cifar10.get_config('variant=2-256').model.overrides.depth == 2
+  assert models.param_count(c.model.name, num_classes=10, T=4, **dict(c.model.overrides)) < 4_152_106  # < 4-256
+  events = nmnist.get_config('cpu')
+  configs.validate(events)
+  assert (events.data.name, events.data.T, events.model.T, events.optim.lr, events.data.augment.snn_augment) == (
+      'nmnist_sample', 4, 4, 1e-3, False)
+  shared_path('data', 'imagenet_sample', 'sample224.npz')
+  c = imagenet.get_config('cpu')
+  train_labels = data.pipeline.open_source(c.data, 'train').labels
+  test_labels = data.pipeline.open_source(c.data, 'test').labels
+  assert len(train_labels) == len(test_labels) == 25 and not set(train_labels) & set(test_labels)

@@ -1,4 +1,4 @@
-"""The benchmark suite: 13 benchmarks, a reduced smoke run end to end, missing data and failures reported."""
+"""The benchmark suite: 13 benchmarks, smoke and cpu-budget runs end to end, missing data and failures reported."""
 import dataclasses
 import json
 
@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from conftest import shared_path
-from spikingformer_jax import suite
+from spikingformer_jax import configs, suite
 
 
 def test_the_suite_covers_the_papers_13_benchmarks_with_reported_numbers():
@@ -18,9 +18,19 @@ def test_the_suite_covers_the_papers_13_benchmarks_with_reported_numbers():
   assert (paper['imagenet'], paper['cifar10'], paper['cifar100'], paper['cifar10_dvs'],
           paper['dvs128_gesture']) == (75.85, 95.81, 79.21, 81.3, 98.3)  # dossier §4.2
   assert all(paper[n] is None for n in glue)  # unverified: shown as '—'
-  for bench in suite.BENCHMARKS:  # every config loads and validates in both budgets
+  for bench in suite.BENCHMARKS:  # every config loads and validates in every budget
     for budget in suite.BUDGETS:
-      suite.build_config(bench, budget)
+      suite.build_config(bench, budget, minutes=1.0)
+  cpu = {b.name: suite.build_config(b, 'cpu', minutes=2.5) for b in suite.benchmarks('cpu')}
+  assert {n for n, c in cpu.items() if c is None} == {'cifar100', 'cifar10_dvs', 'dvs128_gesture'}  # no samples
+  assert {'nmnist', 'sst2_sentence', 'sst5', 'mr', 'subj', 'chnsenticorp', 'waimai'} <= set(cpu)
+  for name, config in cpu.items():
+    if config is not None:
+      configs.validate(config)
+      assert config.time_budget_minutes == 2.5, name
+  assert (cpu['glue_qnli'].data.train_split, cpu['glue_qnli'].data.eval_split) == ('validation[:80%]',
+                                                                                   'validation[80%:]')
+  assert cpu['cifar10'].data.name == 'cifar10_sample' and cpu['glue_rte'].model.name == 'spikingformer-text-tiny'
 
 
 def test_smoke_subset_runs_and_writes_the_tables(tmp_path):
@@ -64,3 +74,22 @@ def test_missing_data_and_failures_are_reported_and_finished_runs_reused(tmp_pat
   assert '**CIFAR10-DVS**: data not prepared' in table and '| 75.00 | 75.85 | 9.5 |' in table
   with pytest.raises(ValueError, match='budget='):
     suite.build_config(suite.BENCHMARKS[0], 'medium')
+
+
+def test_cpu_budget_trains_for_its_minutes_and_reports_the_majority_baseline(tmp_path):
+  """RTE on a 0.25-minute budget: the clock ends training (long before the recipe's 10 epochs), the final
+  evaluation runs on the 222 dev pairs, and the majority baseline is computed on them."""
+  shared_path('data', 'glue', 'RTE', 'train.tsv')
+  rows = suite.run_suite('cpu', tmp_path, ['glue_rte', 'cifar100'], devices=jax.devices()[:1], log=lambda _: None,
+                         minutes=0.25)
+  rte, cifar100 = rows
+  assert rte['status'] == 'ok', rte.get('traceback')
+  assert 0 < rte['steps'] < rte['total_steps'] and rte['examples_seen'] == 32 * rte['steps']
+  assert rte['train_wall_s'] >= 15  # the budget (start-up and compilation count), then the final evaluation
+  summary = json.loads((tmp_path / 'glue_rte' / 'summary.json').read_text())
+  assert summary['final']['num_examples'] == 222 and summary['completed']
+  assert rte['majority'] == pytest.approx(114 / 222)  # 'entailment': 1,249 of RTE's 2,490 training pairs
+  assert cifar100['status'] == 'no sample' and 'steps' not in cifar100
+  table = (tmp_path / 'results.md').read_text()
+  assert '(cpu, 0.25 minutes each)' in table and f'| {100 * rte["value"]:.2f} | 51.35 |' in table
+  assert '| CIFAR-100 | no real sample offline: not run | — | no sample |' in table

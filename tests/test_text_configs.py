@@ -50,3 +50,25 @@ def test_runlocal_configs_and_bad_arguments():
     _load('glue').get_config('tsk=rte')
   with pytest.raises(ValueError, match='variant'):
     _load('pretrain_mlm').get_config('variant=3-3')
+
+
+def test_from_scratch_and_fine_tuning_recipes():
+  glue_module = _load('glue')
+  scratch = glue_module.get_config('task=sst2_sentence,variant=tiny')
+  configs.validate(scratch, _reference())
+  assert (scratch.data.name, scratch.data.task_name, scratch.metric, scratch.model.num_classes) == (
+      'sst2', 'sst2', 'accuracy', 2)
+  assert scratch.init_from == '' and scratch.optim.lr == 2e-3 and scratch.num_epochs == 3
+  assert scratch.optim.warmup_epochs == 1 and scratch.optim.min_lr == 0.0
+  assert not scratch.model.overrides.cross_segment_match  # one sentence: nothing to match
+  assert scratch.data.word_dropout == 0.2
+  assert glue_module.get_config('task=sst2_sentence,variant=8-768').optim.lr == 5e-4
+  pairs = glue_module.get_config('task=rte,variant=tiny')
+  assert pairs.model.overrides.cross_segment_match and pairs.num_epochs == 10
+  tuned = glue_module.get_config('task=rte,variant=12-768,init_from=/ckpt/mlm')
+  assert (tuned.init_from, tuned.optim.lr, tuned.optim.warmup_epochs) == ('/ckpt/mlm', 1e-4, 1)
+  assert not tuned.model.overrides.cross_segment_match  # the pretrained backbone has no match embedding
+  assert tuned.data.word_dropout == 0.0
+  assert _load('pretrain_mlm').get_config('variant=tiny,corpus=/c').optim.lr == 2e-3
+  with pytest.raises(ValueError, match='task='):
+    glue_module.get_config('task=sst2_sentences')

@@ -246,3 +246,33 @@ def test_mlm_split_folders(tmp_path):
   (tmp_path / 'validation' / 'b.txt').write_text('zeta eta\n')
   info = data.dataset_info(cfg)
   assert (info.num_train, info.num_eval) == (2, 1)  # 6 train pieces (with [SEP]) in chunks of 4
+
+
+def test_split_slices_are_disjoint_parts_of_one_file(tmp_path):
+  _write_toy_tsv(tmp_path, 50)
+  cfg = _toy_cfg(tmp_path)
+  whole = data.make_loader(cfg, 'validation', batch_size=50, train=False, seed=0)
+  rows = lambda loader: [(tuple(r[r > 0]), int(l)) for b in loader for r, l, m in
+                         zip(b['input_ids'], b['label'], b['mask']) if m]
+  head = rows(data.make_loader(cfg, 'validation[:80%]', batch_size=16, train=False, seed=0))
+  tail = rows(data.make_loader(cfg, 'validation[40:]', batch_size=16, train=False, seed=0))
+  assert (len(head), len(tail)) == (40, 10) and head + tail == rows(whole)
+  assert data.parse_split('validation[80%:]') == ('validation', '80%', None)
+  with pytest.raises(ValueError, match=r"Split 'validation\[a:b\]'"):
+    data.parse_split('validation[a:b]')
+
+
+def test_word_dropout_masks_training_tokens_only(tmp_path):
+  _write_toy_tsv(tmp_path, 400)
+  cfg = _toy_cfg(tmp_path, dynamic_padding=False, word_dropout=0.25)
+  tok = data.get_tokenizer(cfg)
+  plain = next(iter(data.make_loader(_toy_cfg(tmp_path, dynamic_padding=False), 'train', batch_size=400,
+                                     train=True, seed=0)))
+  dropped = next(iter(data.make_loader(cfg, 'train', batch_size=400, train=True, seed=0)))
+  words = ~np.isin(plain['input_ids'], tok.special_ids)
+  changed = plain['input_ids'] != dropped['input_ids']
+  assert not (changed & ~words).any()  # [CLS], [SEP] and padding stay
+  assert (dropped['input_ids'][changed] == tok.mask_id).all()
+  assert abs(changed.sum() / words.sum() - 0.25) < 0.02  # ~4,000 word pieces: 0.25 +- 0.007
+  evaluated = next(iter(data.make_loader(cfg, 'validation', batch_size=400, train=False, seed=0)))
+  assert not (evaluated['input_ids'] == tok.mask_id).any()

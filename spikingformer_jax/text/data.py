@@ -12,6 +12,8 @@ batch rounded up to `pad_multiple` (so every process agrees on L and jit sees fe
 Datasets (`data_cfg.name`): 'glue/<task>' (see glue.py; data_dir = the GLUE root with CoLA/, SST-2/, ...),
 'sst2', 'sst5', 'mr', 'subj', 'chnsenticorp', 'waimai' and 'tsv' (data_dir holds `<split>.tsv` in
 `label<TAB>text` form), and 'mlm_text' (data_dir holds a plain-text corpus, one document per line).
+A split may name a slice, `<split>[<start>:<stop>]` with example counts or percentages (as in TFDS),
+e.g. 'validation[:80%]' and 'validation[80%:]' to train and evaluate on disjoint parts of one file.
 Text is tokenised once per process and split, then cached in memory.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import functools
 import glob
 import os
 import pathlib
+import re
 from typing import Optional
 
 import grain
@@ -64,6 +67,7 @@ def text_data_defaults() -> ml_collections.ConfigDict:
   c.mask_token_prob = 0.8
   c.random_token_prob = 0.1
   c.mlm_holdout_every = 100  # 'mlm_text' without <split>/ folders: every k-th document is 'validation'
+  c.word_dropout = 0.0  # classification/regression training only: each word piece -> [MASK] with this probability
   return c
 
 
@@ -95,7 +99,38 @@ def _data_dir(data_cfg) -> str:
 
 # ----------------------------------------------------------------------------- reading raw examples
 
+_SLICE = re.compile(r'^(?P<split>[\w-]+)\[(?P<start>\d*%?):(?P<stop>\d*%?)\]$')
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+  """'validation[:80%]' -> ('validation', None, '80%'); a plain name -> (name, None, None)."""
+  if '[' not in split:
+    return split, None, None
+  match = _SLICE.match(split)
+  if not match:
+    raise ValueError(f"Split {split!r}: expected '<split>' or '<split>[start:stop]' with counts or percentages, "
+                     "e.g. 'validation[:80%]'.")
+  return match['split'], match['start'] or None, match['stop'] or None
+
+
+def _bound(value: str | None, n: int, default: int) -> int:
+  if value is None:
+    return default
+  return min(n, int(value[:-1]) * n // 100 if value.endswith('%') else int(value))
+
+
 def _read_examples(data_cfg, split: str) -> glue.Examples:
+  split, start, stop = parse_split(split)
+  examples = _read_whole_split(data_cfg, split)
+  if start is None and stop is None:
+    return examples
+  n = len(examples)
+  part = slice(_bound(start, n, 0), _bound(stop, n, n))
+  return glue.Examples(examples.text_a[part], None if examples.text_b is None else examples.text_b[part],
+                       examples.labels[part])
+
+
+def _read_whole_split(data_cfg, split: str) -> glue.Examples:
   name, data_dir = data_cfg.name, _data_dir(data_cfg)
   if name.startswith('glue/'):
     task = glue.get_glue_task(name)
@@ -236,6 +271,25 @@ class _Prefix:
 
 # ----------------------------------------------------------------------------- batching
 
+class WordDropout(grain.transforms.RandomMap):
+  """Word dropout (Iyyer et al. 2015): each non-special token becomes [MASK] with probability `rate`.
+
+  A regulariser for models trained from scratch on a few thousand sentences, which otherwise memorise
+  them within an epoch or two (the text model has no dropout of its own). Redrawn per example and epoch.
+  """
+
+  def __init__(self, rate: float, mask_id: int, special_ids):
+    if not 0 <= rate < 1:
+      raise ValueError(f'data.word_dropout = {rate}: expected a probability in [0, 1).')
+    self.rate, self.mask_id = rate, mask_id
+    self.special_ids = np.asarray(special_ids, np.int32)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    ids = element['input_ids']
+    drop = (rng.random(ids.shape) < self.rate) & ~np.isin(ids, self.special_ids)
+    return dict(element, input_ids=np.where(drop, self.mask_id, ids).astype(ids.dtype))
+
+
 class Collate:
   """grain batch_fn: pads a global batch to a common length and keeps this process's rows.
 
@@ -299,6 +353,8 @@ def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int
   ds = grain.MapDataset.source(examples)
   if train:
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  if train and _cfg(data_cfg, 'word_dropout') > 0 and data_cfg.name != MLM_DATASET:
+    ds = ds.random_map(WordDropout(_cfg(data_cfg, 'word_dropout'), tok.mask_id, tok.special_ids), seed=seed)
   if data_cfg.name == MLM_DATASET:
     masking = mlm.MaskingConfig(_cfg(data_cfg, 'mask_prob'), _cfg(data_cfg, 'mask_token_prob'),
                                 _cfg(data_cfg, 'random_token_prob'))

@@ -36,21 +36,27 @@ def ids(batch):
   return np.rint(batch['image'][:, 0, 0, 0] * 255).astype(int)
 
 
-def test_two_processes_get_disjoint_shards_covering_the_data(indexed_npz):
-  cfg = npz_cfg(indexed_npz)
-  seen = []
-  for process in range(2):
-    loader = data.make_loader(cfg, 'train', batch_size=10, train=True, seed=3, process_index=process,
-                              process_count=2, num_epochs=1)
-    batches = list(loader)
-    assert all(b['image'].shape == (5, 4, 4, 3) and b['label'].dtype == np.int32 for b in batches)
-    seen.append(np.concatenate([ids(b) for b in batches]))
-    for b in batches:
-      np.testing.assert_array_equal(b['label'], ids(b) % 5)
-  assert len(seen[0]) == len(seen[1]) == N // 2
-  assert not set(seen[0]) & set(seen[1])
-  assert set(seen[0]) | set(seen[1]) == set(range(N))
-  assert not np.array_equal(np.sort(seen[0]), seen[0])  # shuffled
+def test_two_processes_get_disjoint_halves_of_the_one_process_batches(indexed_npz):
+  cfg = npz_cfg(indexed_npz, augment=ml_collections.ConfigDict(dict(enabled=True, randaug='rand-m9-n1-mstd0.4-inc1',
+                                                                     hflip=0.5, mean=[0.0], std=[1.0])))
+  load = lambda process, count: list(data.make_loader(cfg, 'train', batch_size=10, train=True, seed=3,
+                                                      process_index=process, process_count=count, num_epochs=1))
+  single, halves = load(0, 1), [load(0, 2), load(1, 2)]
+  assert len(single) == len(halves[0]) == len(halves[1]) == N // 10
+  for whole, first, second in zip(single, *halves):
+    assert first['image'].shape == second['image'].shape == (5, 4, 4, 3)
+    # The same global batch, augmentations included, whatever the process count.
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+  # Each process reads its own rows: disjoint, together every example once per epoch.
+  plain = npz_cfg(indexed_npz)
+  shards = [np.concatenate([ids(b) for b in data.make_loader(plain, 'train', batch_size=10, train=True, seed=3,
+                                                             process_index=p, process_count=2, num_epochs=1)])
+            for p in range(2)]
+  for shard in shards:
+    assert len(shard) == N // 2
+  assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(N))
+  assert not np.array_equal(np.sort(shards[0]), shards[0])  # shuffled
 
 
 def test_epochs_reshuffle_and_seed_fixes_order(indexed_npz):

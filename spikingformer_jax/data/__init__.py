@@ -32,10 +32,11 @@ def dataset_info(data_cfg) -> DatasetInfo:
 
 def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int,
                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
-  """A grain DataLoader over this process's shard of `split`.
+  """A grain DataLoader of this process's rows of every global batch of `split`.
 
   Batches: dict(image=float32 [b, *example_shape] (normalised images; raw counts for event frames),
-  label=int32 [b]) with b = batch_size // process_count. Train: shuffled with `seed` (reshuffled
+  label=int32 [b]) with b = batch_size // process_count: rows [i*b, (i+1)*b) of the global batch for
+  process i, so the global batches (augmentations included) do not depend on the process count. Train: shuffled with `seed` (reshuffled
   every epoch), augmented, remainder dropped, `num_epochs` passes (None: endless). Eval: one pass,
   no augmentation, padded to whole batches on every process, with mask=float32 [b] (1 = real).
   `iter(loader)` has get_state()/set_state() for exact resumption.

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import sys
 from typing import Any, Callable
 
 import grain
@@ -212,6 +213,39 @@ def _allow_worker_processes():
     flags.FLAGS.mark_as_parsed()
 
 
+class GlobalBatchSampler:
+  """grain's IndexSampler over the whole source, read as global batches that every process slices.
+
+  Process p of P reads rows [p*b, (p+1)*b) of each global batch of P*b records (b = its batch), so
+  the global batches, and each record's augmentation rng (grain's, from the global position), are
+  the same for any number of processes: a 2-process run trains on exactly what a 1-process run does.
+  grain's DataLoader asks process p for indices p, p + P, p + 2P, ...; `__getitem__` maps them.
+  """
+
+  def __init__(self, num_records: int, *, per_process: int, process_index: int, process_count: int,
+               shuffle: bool, num_epochs: int | None, seed: int):
+    self._global = grain.samplers.IndexSampler(num_records=num_records, shuffle=shuffle, num_epochs=num_epochs,
+                                               seed=seed)
+    self._per_process, self._count = per_process, process_count
+    self.shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+    global_batch = per_process * process_count
+    self._len = sys.maxsize if num_epochs is None else num_epochs * num_records // global_batch * global_batch
+
+  def __repr__(self):
+    return (f'GlobalBatchSampler({self._global!r}, per_process={self._per_process}, '
+            f'shard_options={self.shard_options!r})')
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._len:
+      raise IndexError(f'Sampler index {index} out of range [0, {self._len}).')
+    process, local = index % self._count, index // self._count
+    batch, row = divmod(local, self._per_process)
+    return self._global[(batch * self._count + process) * self._per_process + row]
+
+
 def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int,
                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
   """A grain DataLoader of per-process batches (see spikingformer_jax.data.make_loader)."""
@@ -221,23 +255,20 @@ def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int
   max_examples = data_cfg.get('max_train_examples' if train else 'max_eval_examples', -1)
   source = open_source(data_cfg, split, max_examples)
   if train:
-    if len(source) // process_count < per_process:
+    if len(source) < batch_size:
       raise ValueError(f'{data_cfg.name}[{split}] has {len(source)} examples: too few for one batch of '
                        f'{per_process} on each of {process_count} processes.')
   else:
-    step = per_process * process_count
-    source = sources.MaskedPadding(source, max(1, math.ceil(len(source) / step)) * step)
+    source = sources.MaskedPadding(source, max(1, math.ceil(len(source) / batch_size)) * batch_size)
     num_epochs = 1
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True),
-      shuffle=train, num_epochs=num_epochs, seed=seed)
+  sampler = GlobalBatchSampler(len(source), per_process=per_process, process_index=process_index,
+                               process_count=process_count, shuffle=train, num_epochs=num_epochs, seed=seed)
   workers = int(data_cfg.get('num_workers', 0))
   if workers > 0:
     _allow_worker_processes()
   prefetch = max(1, int(data_cfg.get('prefetch', 2)))
   return grain.DataLoader(
-      data_source=source, sampler=sampler,
+      data_source=source, sampler=sampler, shard_options=sampler.shard_options,
       operations=[preprocess_for(data_cfg, train), grain.transforms.Batch(per_process, drop_remainder=train)],
       worker_count=workers, worker_buffer_size=prefetch,
       read_options=grain.ReadOptions(num_threads=max(1, min(8, prefetch * 2)),

@@ -6,8 +6,9 @@ Layout of a weights directory:
   weights.json    {'format', 'version', 'model_name', 'model_overrides', 'source'}
   COMMITTED       empty; written last
 
-`save_weights` writes everything into a hidden temporary directory next to the target and renames
-it into place only once complete, so a crash leaves either no target or a complete one. This is a
+`save_weights` writes everything into a hidden temporary directory next to the target and moves
+it into place only once complete (`paths.move_tree`: a rename locally; on gs:// a copy whose
+COMMITTED marker lands last), so a crash leaves either no complete target or a complete one. This is a
 single-process tool (conversion, export); multi-host training keeps its own Orbax checkpoints.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from spikingformer_jax import models
+from spikingformer_jax import models, paths
 
 FORMAT = 'spikingformer-jax-weights'
 VERSION = 1
@@ -118,11 +119,11 @@ def save_weights(directory, variables: dict, *, model_name: str, model_overrides
     (tmp / COMMIT_FILE).write_text('')
     if directory.exists():  # overwrite: move the old one aside, then swap.
       old = directory.parent / f'.{directory.name}.old-{uuid.uuid4().hex[:8]}'
-      directory.rename(old)
-      tmp.rename(directory)
+      paths.move_tree(directory, old)
+      paths.move_tree(tmp, directory)
       old.rmtree()
     else:
-      tmp.rename(directory)
+      paths.move_tree(tmp, directory)
   except BaseException:
     if tmp.exists():
       tmp.rmtree()

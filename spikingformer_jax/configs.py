@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.keep_best = True
   c.checkpoint.async_save = True
+  # gs:// workdirs: a run lock whose heartbeat (refreshed at every checkpoint) is older than this is
+  # stale and taken over. Local workdirs need no timeout (the lock dies with its process).
+  c.run_lock_stale_after_s = 7200.0
 
   c.init_from = ''  # checkpoint to fine-tune from (backbone restored, head re-initialised)
   c.freeze = ''  # regex over parameter paths kept frozen when fine-tuning, e.g. '^tokenizer/'
@@ -146,4 +149,5 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
   need(config.mesh.data == -1 or config.mesh.data >= 1, 'mesh.data', '-1 or >= 1')
   need(config.checkpoint.every_steps >= 1, 'checkpoint.every_steps', '>= 1')
   need(config.checkpoint.keep >= 1, 'checkpoint.keep', '>= 1')
+  need(config.run_lock_stale_after_s > 0, 'run_lock_stale_after_s', 'a positive number of seconds')
   return config

@@ -1,11 +1,9 @@
 """`--mode=eval`: evaluate the latest checkpoint of a workdir, or the checkpoint named by `init_from`."""
 from __future__ import annotations
 
-import pathlib
-
 import jax
 
-from spikingformer_jax import checkpoint, configs, sharding, train
+from spikingformer_jax import checkpoint, configs, paths, sharding, train
 
 
 def run(config, workdir) -> dict:
@@ -14,11 +12,11 @@ def run(config, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   dm = train.data_module(config)
   info = dm.dataset_info(config.data)
-  source = pathlib.Path(workdir) / 'checkpoints'
+  source = checkpoint.checkpoint_dir(workdir)
   if not source.is_dir() or not any(p.name.isdigit() for p in source.iterdir()):
     if not config.init_from:
       raise checkpoint.CheckpointError(f'--mode=eval: {workdir} has no checkpoints and config.init_from is empty.')
-    source = pathlib.Path(config.init_from)
+    source = paths.path(config.init_from)
   variables = checkpoint.load_variables(source)
   ctx, example = train.make_context(config, info)
   rng = jax.random.PRNGKey(config.seed)

@@ -1,12 +1,21 @@
 """Command line: `python -m spikingformer_jax.main --config=experiments/<benchmark>.py:<args> --workdir=DIR`.
 
 Overrides use ml_collections' syntax, e.g. `--config.batch_size=64 --config.optim.lr=1e-3`.
-`--mode=train` trains (resuming from the workdir when it holds a checkpoint) and evaluates;
-`--mode=eval` evaluates the latest checkpoint in the workdir (or `--config.init_from`) only.
+`--mode=train` trains (resuming from the workdir when it holds a checkpoint), evaluates and writes
+`<workdir>/summary.json`; `--mode=eval` evaluates the latest checkpoint in the workdir (or
+`--config.init_from`) only and writes `<workdir>/eval_summary.json`. DIR may be gs://bucket/....
+
+Multi-process jobs: TPU pods join with `--config.distributed=True`; anywhere else (e.g. several
+processes on one machine, see launch/local.sh) set JAX_COORDINATOR_ADDRESS=host:port,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID for each process.
+
+Exit status: 0 done; 1 an error, reported in one line (config, checkpoint, run lock, data);
+75 (EX_TEMPFAIL) preempted by SIGTERM after saving a checkpoint: rerun the same command to resume.
 """
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,30 +23,45 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (with optional :args).',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and TensorBoard files go.')
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and TensorBoard files go (local or gs://).')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and evaluate) or only evaluate.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, to be retried.
 
 
 def main(argv):
   del argv
-  from spikingformer_jax import compile_cache, cpu_runtime, evaluate_only, train  # noqa: PLC0415 (jax after flags)
+  import jax  # noqa: PLC0415 (after flags: jax config)
+
+  from spikingformer_jax import (checkpoint, compile_cache, configs, cpu_runtime, data, evaluate_only,  # noqa: PLC0415
+                                 paths, run_lock, train, weights)
 
   cpu_runtime.apply_cpu_flags()
   compile_cache.enable()
 
   config = FLAGS.config
   logging.info('Config:\n%s', config)
-  if FLAGS.mode == 'train':
-    summary = train.train_and_evaluate(config, FLAGS.workdir)
-  else:
-    summary = evaluate_only.run(config, FLAGS.workdir)
-  print(train.format_summary(summary))
-  final = summary.get('final', {})
-  if config.metric in final:
-    print(f'{config.metric}: {final[config.metric]:.4f}')
-  with open(f'{FLAGS.workdir}/summary.json', 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2, default=float)
+  try:
+    if FLAGS.mode == 'train':
+      summary = train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+      summary = evaluate_only.run(config, FLAGS.workdir)
+  except (configs.ConfigError, checkpoint.CheckpointError, run_lock.RunLockError, data.DataError,
+          weights.WeightsError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    name = 'summary.json' if FLAGS.mode == 'train' else 'eval_summary.json'
+    (paths.path(FLAGS.workdir) / name).write_text(json.dumps(summary, indent=2, default=float))
+  if summary.get('preempted'):
+    print(f'preempted at step {summary["step"]}; rerun the same command to resume', flush=True)
+    sys.exit(EXIT_PREEMPTED)
+  if jax.process_index() == 0:
+    print(train.format_summary(summary))
+    final = summary.get('final', {})
+    if config.metric in final:
+      print(f'{config.metric}: {final[config.metric]:.4f}')
 
 
 if __name__ == '__main__':

@@ -15,10 +15,31 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 BATCH_AXES = ('data', 'fsdp')
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host: `jax.distributed.initialize()` (TPU pods/Slurm/MPI auto-detect their arguments)."""
-  if enabled or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+def maybe_initialize_distributed(enabled: bool, environ=os.environ) -> None:
+  """Joins a multi-process job, once, when `enabled` or `JAX_COORDINATOR_ADDRESS` is set.
+
+  TPU pods (and Slurm/MPI) need nothing else: `jax.distributed.initialize()` detects the rest.
+  Elsewhere, e.g. several processes on one machine, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` give
+  the job's size and this process's index (jax itself reads only the coordinator's address).
+  CPU processes exchange collectives over gloo (jax's default CPU implementation).
+  """
+  if jax.distributed.is_initialized() or not (enabled or environ.get('JAX_COORDINATOR_ADDRESS')):
+    return
+  given = {name: environ.get(name, '') for name in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')}
+  if any(given.values()) and not all(given.values()):
+    missing = [name for name, value in given.items() if not value]
+    raise ValueError(f'{missing[0]} is not set: JAX_NUM_PROCESSES and JAX_PROCESS_ID go together '
+                     f'(got {given}).')
+  kwargs = {}
+  if all(given.values()):
+    try:
+      kwargs = dict(num_processes=int(given['JAX_NUM_PROCESSES']), process_id=int(given['JAX_PROCESS_ID']))
+    except ValueError:
+      raise ValueError(f'JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got {given}.') from None
+    if not 0 <= kwargs['process_id'] < kwargs['num_processes']:
+      raise ValueError(f'JAX_PROCESS_ID = {kwargs["process_id"]} is not in [0, JAX_NUM_PROCESSES = '
+                       f'{kwargs["num_processes"]}).')
+  jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

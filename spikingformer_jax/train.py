@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
+import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,8 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from spikingformer_jax import checkpoint, configs, cpu_runtime, data, metrics, mixup, models, optim, sharding
+from spikingformer_jax import (checkpoint, configs, cpu_runtime, data, metrics, mixup, models, optim, run_lock,
+                              sharding)
 from spikingformer_jax.metric_writer import MetricWriter
 
 State = dict  # {'step', 'params', 'batch_stats', 'opt_state'}
@@ -286,20 +287,38 @@ def evaluate(eval_fn, state, loader, mesh, config, info) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The host loop.
 
-class _Preemption:
-  """SIGTERM (TPU maintenance/preemption) sets a flag; the loop saves and exits cleanly."""
+class Preemption:
+  """Preemption (SIGTERM, what TPU maintenance sends) that every process of a job agrees on.
+
+  One process: SIGTERM sets a flag; the loop saves a checkpoint after the current step and stops.
+  Several processes: a flag per process would stop one at step N while another runs on to N+1 and
+  waits forever in a collective. jax.distributed's preemption service catches SIGTERM on whichever
+  process receives it, tells the others, and `reached_preemption_sync_point` turns True on every
+  process at the same step. Its handler replaces ours when the job is joined (`joined_job`); a
+  SIGTERM that came before is delivered to it again then.
+  """
 
   def __init__(self):
     self.requested = False
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: rely on Orbax's multi-host preemption detection only.
+    except ValueError:  # Not the main thread: rely on jax's multi-process preemption service only.
       self._previous = None
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and exiting.')
     self.requested = True
+
+  def joined_job(self):
+    if jax.process_count() > 1 and self.requested:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (every process gets the same answer; call it every step)."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def restore(self):
     if self._previous is not None:
@@ -345,24 +364,54 @@ def make_context(config, info) -> tuple[StepContext, tuple]:
 def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, devices=None) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns the final summary.
 
-  `stop_after_steps` ends this invocation early (as a preemption would), after saving a checkpoint.
-  `devices` restricts the mesh to a subset of the local devices (default: all).
+  `workdir` is a local path or a gs:// (any etils.epath) URL. The summary's 'preempted' is True
+  when a SIGTERM stopped the run (after saving); rerunning the same command resumes it.
+  `stop_after_steps` ends this invocation early the same way (tests), `devices` restricts the mesh
+  to a subset of the local devices (default: all).
   `config.time_budget_minutes` > 0 ends training once that much wall time has passed since this call
   (start-up and compilation included), then evaluates and saves: a run on a fixed time budget.
   """
   minutes = config.get('time_budget_minutes', 0.0)
   deadline = time.perf_counter() + 60.0 * minutes if minutes > 0 else None
-  preemption = _Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
+  preemption = Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
   try:
     return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, deadline)
   finally:
     preemption.restore()
 
 
+def _resume(config, ctx, mesh, example, ckpts, train_loader):
+  """(state, shardings, train iterator): the newest checkpoint that restores, else a fresh start (or init_from)."""
+  rng = jax.random.PRNGKey(config.seed)
+  has_checkpoints = ckpts.latest_step() is not None
+  state, shardings = create_state(ctx, mesh, example, rng, '' if has_checkpoints else config.init_from)
+  train_iter = iter(train_loader)
+  if not has_checkpoints:
+    return state, shardings, train_iter
+  restored = ckpts.restore_latest(abstract_state(ctx, mesh, example)[0], train_iter)
+  if restored is not None:
+    state, _, step = restored
+    logging.info('Resumed from step %d in %s', step, ckpts.directory)
+    return state, shardings, train_iter
+  logging.warning('No checkpoint in %s restores (all moved aside): training from the start.', ckpts.directory)
+  if config.init_from:
+    state, shardings = create_state(ctx, mesh, example, rng, config.init_from)
+  return state, shardings, iter(train_loader)
+
+
+def _out_of_time(deadline, step_metrics) -> bool:
+  """Whether the time budget is spent, as every process of the job sees it (one collective per step)."""
+  jax.block_until_ready(step_metrics['loss'])  # The clock must see executed steps, not queued ones.
+  spent = time.perf_counter() >= deadline
+  if jax.process_count() > 1:
+    spent = bool(np.max(multihost_utils.process_allgather(np.int32(spent))))
+  return spent
+
+
 def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, deadline) -> dict:
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)
-  workdir = pathlib.Path(workdir)
+  preemption.joined_job()
   mesh = sharding.make_mesh(config.mesh, devices)
   n_dev = mesh.devices.size
   for field, value in (('batch_size', config.batch_size // config.grad_accum_steps),
@@ -380,101 +429,90 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
         f'config.model.spike_kernels is for training on one CPU device, but the mesh has {n_dev}: '
         'XLA cannot split the kernels\' custom calls and would run every product whole on each device. Set '
         'config.mesh.data = 1 (and mesh.fsdp = 1), or drop spike_kernels.')
-  rng = jax.random.PRNGKey(config.seed)
-
-  manager = checkpoint.make_manager(workdir, config.checkpoint, config.metric)
-  latest = manager.latest_step()
-  state, state_shardings = create_state(ctx, mesh, example, rng, '' if latest is not None else config.init_from)
-  iter_state = None
-  if latest is not None:
-    abstract, _ = abstract_state(ctx, mesh, example)
-    state, iter_state, _ = checkpoint.restore(manager, latest, abstract)
-    logging.info('Resumed from step %d in %s', latest, manager.directory)
-  start_step = int(jax.device_get(state['step']))
-
-  bsh = sharding.batch_sharding(mesh)
-  train_fn = jit_train_step(ctx, state_shardings, mesh)
-  eval_fn = jax.jit(make_eval_step(ctx), in_shardings=(state_shardings, bsh), out_shardings=bsh)
-
   train_loader = dm.make_loader(config.data, config.data.train_split, batch_size=config.batch_size, train=True,
                                 seed=config.seed, process_index=pidx, process_count=pcount)
-  train_iter: Iterator = iter(train_loader)
-  if iter_state is not None:
-    train_iter.set_state(iter_state)
 
   def eval_loader():
     return dm.make_loader(config.data, config.data.eval_split, batch_size=config.eval_batch_size, train=False,
                           seed=config.seed, process_index=pidx, process_count=pcount)
 
-  meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
-  writer = MetricWriter(workdir)
-  bar = _progress(total_steps, start_step, config.progress_bar)
-  base_rng = jax.random.PRNGKey(config.seed + 1)
-  best = {}
-  last_eval: dict = {}
-  images_seen, t0 = 0, time.perf_counter()
-  step = start_step
-  end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
-  budget_spent = False
-  try:
-    while step < end_step:
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
-      step += 1
-      if step == start_step + 1:  # train_fn compiled in that call; the compiler's heap is free now.
-        cpu_runtime.release_freed_memory()
-      images_seen += config.batch_size
-      if bar is not None:
-        bar.update(1)
-      if step % config.log_every_steps == 0 or step == end_step:
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not all(math.isfinite(v) for v in scalars.values()):
-          raise FloatingPointError(f'Non-finite training metrics at step {step}: {scalars}. No checkpoint was '
-                                   'written for this state; lower optim.lr or enable optim.grad_clip.')
-        elapsed = time.perf_counter() - t0
-        scalars['examples_per_sec'] = images_seen / elapsed
-        scalars['step_time_ms'] = 1000 * elapsed / max(1, config.log_every_steps if step % config.log_every_steps
-                                                       == 0 else step - start_step)
-        images_seen, t0 = 0, time.perf_counter()
-        writer.write(step, 'train', scalars)
+  with run_lock.hold(workdir, config.run_lock_stale_after_s) as lock:  # Before anything is written.
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, config.metric)
+    writer = bar = None
+    try:
+      state, state_shardings, train_iter = _resume(config, ctx, mesh, example, ckpts, train_loader)
+      start_step = int(jax.device_get(state['step']))
+      bsh = sharding.batch_sharding(mesh)
+      train_fn = jit_train_step(ctx, state_shardings, mesh)
+      eval_fn = jax.jit(make_eval_step(ctx), in_shardings=(state_shardings, bsh), out_shardings=bsh)
+      meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
+      writer = MetricWriter(workdir, start_step)  # Drops metrics logged after start_step by an interrupted run.
+      bar = _progress(total_steps, start_step, config.progress_bar)
+      base_rng = jax.random.PRNGKey(config.seed + 1)
+      best = {}
+      last_eval: dict = {}
+      images_seen, t0 = 0, time.perf_counter()
+      step, preempted, budget_spent = start_step, False, False
+      end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
+      while step < end_step:
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
+        step += 1
+        ckpts.check()  # A failed background save stops the run here, not many steps later.
+        if step == start_step + 1:  # train_fn compiled in that call; the compiler's heap is free now.
+          cpu_runtime.release_freed_memory()
+        images_seen += config.batch_size
         if bar is not None:
-          bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
-      epoch_end = step % steps_per_epoch == 0
-      if deadline is not None:  # The clock must see executed steps, not steps queued by asynchronous dispatch.
-        jax.block_until_ready(step_metrics['loss'])
-      out_of_time = deadline is not None and time.perf_counter() >= deadline
-      eval_now = ((epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
-                  or out_of_time)
-      metrics_for_ckpt = None
-      if eval_now:
-        last_eval = evaluate(eval_fn, state, eval_loader(), mesh, config, info)
-        cpu_runtime.release_freed_memory()  # eval_fn compiled in the first evaluation; later calls free little
-        writer.write(step, 'eval', last_eval)
-        if config.metric in last_eval and last_eval[config.metric] >= best.get(config.metric, -np.inf):
-          best = dict(last_eval, step=step)
-        metrics_for_ckpt = {k: float(v) for k, v in last_eval.items()} or None
-        logging.info('step %d eval %s', step, last_eval)
-        t0 = time.perf_counter()
-      stop = preemption.requested or manager.reached_preemption(step)
-      if step % config.checkpoint.every_steps == 0 or eval_now or stop or step == end_step:
-        checkpoint.save(manager, step, state, train_iter.get_state(), dict(meta, eval=last_eval),
-                        metrics_for_ckpt, force=True)
-      if stop:
-        logging.warning('Stopped at step %d on preemption; rerun the same command to resume.', step)
-        break
-      if out_of_time:
-        logging.info('Time budget (config.time_budget_minutes) spent at step %d.', step)
-        budget_spent = True
-        break
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    if bar is not None:
-      bar.close()
-  summary = {'step': step, 'total_steps': total_steps, 'final': last_eval, 'best': best,
-             'completed': step >= total_steps or budget_spent}
-  return summary
+          bar.update(1)
+        if step % config.log_every_steps == 0 or step == end_step:
+          scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          if not all(math.isfinite(v) for v in scalars.values()):
+            raise FloatingPointError(f'Non-finite training metrics at step {step}: {scalars}. No checkpoint was '
+                                     'written for this state; lower optim.lr or enable optim.grad_clip.')
+          elapsed = time.perf_counter() - t0
+          scalars['examples_per_sec'] = images_seen / elapsed
+          scalars['step_time_ms'] = 1000 * elapsed / max(1, config.log_every_steps if step % config.log_every_steps
+                                                         == 0 else step - start_step)
+          images_seen, t0 = 0, time.perf_counter()
+          writer.write(step, 'train', scalars)
+          if bar is not None:
+            bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
+        epoch_end = step % steps_per_epoch == 0
+        out_of_time = deadline is not None and _out_of_time(deadline, step_metrics)
+        eval_now = ((epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
+                    or out_of_time)
+        metrics_for_ckpt = None
+        if eval_now:
+          last_eval = evaluate(eval_fn, state, eval_loader(), mesh, config, info)
+          cpu_runtime.release_freed_memory()  # eval_fn compiled in the first evaluation; later calls free little
+          writer.write(step, 'eval', last_eval)
+          if config.metric in last_eval and last_eval[config.metric] >= best.get(config.metric, -np.inf):
+            best = dict(last_eval, step=step)
+          metrics_for_ckpt = {k: float(v) for k, v in last_eval.items()} or None
+          logging.info('step %d eval %s', step, last_eval)
+          t0 = time.perf_counter()
+        preempted = preemption.reached(step)
+        if step % config.checkpoint.every_steps == 0 or eval_now or preempted or step == end_step:
+          writer.flush()  # What the checkpoint covers is stored before it.
+          if lock is not None:
+            lock.refresh()
+          ckpts.save(step, state, train_iter, dict(meta, eval=last_eval), metrics_for_ckpt)
+        if preempted:
+          logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
+          break
+        if out_of_time:
+          logging.info('Time budget (config.time_budget_minutes) spent at step %d.', step)
+          budget_spent = True
+          break
+      ckpts.wait()  # The last save must be complete (or its failure reported) before the summary.
+    finally:
+      ckpts.close()
+      if writer is not None:
+        writer.close()
+      if bar is not None:
+        bar.close()
+  return {'step': step, 'total_steps': total_steps, 'final': last_eval, 'best': best,
+          'completed': step >= total_steps or budget_spent, 'preempted': preempted and step < total_steps}
 
 
 def format_summary(summary: dict) -> str:

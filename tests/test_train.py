@@ -1,10 +1,13 @@
 """The trainer: sharded steps equal single-device steps, exact resumption, SIGTERM, fine-tuning, schedule."""
+import json
 import os
 import pathlib
+import resource
 import signal
 import sys
 import threading
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,29 +114,100 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     summary = train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
   finally:
     timer.cancel()
-  assert not summary['completed'] and 1 <= summary['step'] < 100000
+  assert summary['preempted'] and not summary['completed'] and 1 <= summary['step'] < 100000
   manager_steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert manager_steps[-1] == summary['step']
   assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or callable(
       signal.getsignal(signal.SIGTERM))
 
 
-def test_half_written_checkpoints_are_ignored_and_corrupt_ones_reported(tmp_path):
-  config = tiny_config(**{'mesh.data': 1, 'total_steps': 3})
+def _metric_steps(workdir, split='train'):
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [l['step'] for l in lines if l['split'] == split]
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_falls_back(tmp_path, caplog):
+  # T = 1: a quarter of the tracing and compiling, the same checkpoint logic.
+  config = tiny_config(**{'mesh.data': 1, 'model.T': 1, 'total_steps': 4, 'checkpoint.every_steps': 2,
+                          'log_every_steps': 1})
   train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
   ckpts = tmp_path / 'checkpoints'
-  # An interrupted save leaves only a temporary directory: never picked up as latest.
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['2', '4']
+  step2 = checkpoint.load_variables(ckpts / '2')
+  # Another model on the same workdir is refused (an error, not damage: nothing moves).
+  wider = tiny_config(**{'mesh.data': 1, 'model.T': 1, 'total_steps': 6})
+  wider.model.overrides = {'embed_dim': 64, 'num_heads': 2}
+  with pytest.raises(checkpoint.CheckpointError, match=r'step 4 .* does not fit .*stored \(32,\), model \(64,\)'):
+    train.train_and_evaluate(wider, tmp_path, devices=jax.devices()[:1])
+  assert (ckpts / '4').is_dir() and not (tmp_path / checkpoint.DAMAGED_DIR).exists()
+  # An interrupted save leaves only a temporary directory: never picked up.
   (ckpts / '9.orbax-checkpoint-tmp-1234').mkdir()
-  manager = checkpoint.make_manager(tmp_path, config.checkpoint, 'top1')
-  assert manager.latest_step() == 3
-  manager.close()
-  # Damage the array data of step 3: resuming names the checkpoint.
-  for f in (ckpts / '3' / 'state').rglob('*'):
+  # Damage the array data of step 4.
+  for f in (ckpts / '4' / 'state').rglob('*'):
     if f.is_file() and f.stat().st_size > 0 and f.name not in ('_METADATA', '_CHECKPOINT_METADATA'):
       f.write_bytes(b'garbage')
-  with pytest.raises(checkpoint.CheckpointError, match='step 3'):
-    train.train_and_evaluate(tiny_config(**{'mesh.data': 1, 'total_steps': 6}), tmp_path,
-                             devices=jax.devices()[:1])
+
+  resumed = tiny_config(**{'mesh.data': 1, 'model.T': 1, 'total_steps': 6, 'checkpoint.every_steps': 2,
+                           'log_every_steps': 1})
+  with caplog.at_level('WARNING'):
+    summary = train.train_and_evaluate(resumed, tmp_path, devices=jax.devices()[:1])
+  assert summary['completed'] and summary['step'] == 6
+  moved, = (tmp_path / checkpoint.DAMAGED_DIR).iterdir()  # Renamed, not deleted.
+  assert moved.name.startswith('4-') and (moved / 'state').is_dir()
+  assert any('Checkpoint step 4 cannot be restored' in r.message and str(moved) in r.message for r in caplog.records)
+  # The run restarted from step 2: steps 3 and 4 were trained again, their old metrics lines dropped.
+  assert _metric_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['2', '4', '6']
+  np.testing.assert_array_equal(checkpoint.load_variables(ckpts / '2')['params']['head']['kernel'],
+                                step2['params']['head']['kernel'])
+
+
+def test_retention_keeps_the_latest_and_the_best_across_runs(tmp_path):
+  cfg = tiny_config().checkpoint
+  cfg.keep = 2
+  data_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+  top1 = {1: 0.5, 2: 0.9, 3: 0.1, 4: 0.2, 5: 0.3, 6: None, 7: None}
+
+  def run(steps):
+    ckpts = checkpoint.Checkpoints(tmp_path, cfg, 'top1')
+    for s in steps:
+      metrics = None if top1[s] is None else {'top1': top1[s]}
+      ckpts.save(s, {'w': jnp.full((3,), float(s))}, data_iter, {}, metrics)
+    ckpts.wait()
+    ckpts.close()
+    return sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+
+  assert run([1, 2, 3]) == [2, 3]
+  # A later run (a restart) prunes what the earlier one wrote too: the 2 latest plus the best (step 2).
+  assert run([4, 5]) == [2, 4, 5]
+  assert run([6, 7]) == [2, 6, 7]
+
+
+def test_a_failed_save_stops_training_at_once_and_keeps_the_last_checkpoint(tmp_path):
+  config = tiny_config(**{'mesh.data': 1, 'model.T': 1, 'total_steps': 12, 'checkpoint.every_steps': 3,
+                          'log_every_steps': 1, 'checkpoint.async_save': True})
+  train.train_and_evaluate(config, tmp_path, stop_after_steps=3, devices=jax.devices()[:1])
+  saved = checkpoint.load_variables(tmp_path)
+  # "Disk full": no file may grow past 48 KB, less than the checkpoint's array files and metadata.
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (48 << 10, hard))
+  try:
+    with pytest.raises(checkpoint.CheckpointError) as failure:
+      train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  message = str(failure.value)
+  assert '\n' not in message
+  assert f'Saving checkpoint step 6 to {tmp_path}/checkpoints/6 failed' in message
+  assert 'File too large' in message and 'the last complete checkpoint, step 3, is intact' in message
+  # Stopped as soon as the failure was known, at the latest at the next save; step 3 is still the
+  # latest checkpoint and loads unchanged.
+  assert max(_metric_steps(tmp_path)) <= 9
+  manager = checkpoint.Checkpoints(tmp_path, config.checkpoint, 'top1')
+  assert manager.latest_step() == 3
+  manager.close()
+  for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(checkpoint.load_variables(tmp_path))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_fine_tune_restores_backbone_and_reinitialises_head(tmp_path):

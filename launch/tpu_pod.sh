@@ -10,10 +10,14 @@
 # Commands:
 #   up       create the slice unless it exists (reuse), then setup
 #   create   create the slice unless it exists
-#   setup    copy this checkout (git-tracked and untracked-not-ignored files) to every worker and
-#            install requirements.txt (without torch) plus jax[tpu] of the pinned jax version
-#   run      start `python3 -m spikingformer_jax.main <flags> --config.distributed=True` on all
-#            workers and stream their output until it ends (the output is also kept in train.log)
+#   setup    copy this checkout (git-tracked and untracked-not-ignored files) to every worker, make a
+#            Python 3.11 venv there (uv, installed from PyPI: the default image's python3 is 3.10, older
+#            than the pins accept) and install requirements.txt (without torch) plus jax[tpu] of the
+#            pinned jax version into it
+#   run      start `.venv/bin/python -m spikingformer_jax.main <flags> --config.distributed=True` on
+#            all workers and stream their output until it ends (the output is also kept in train.log);
+#            with --aot-check=TOPOLOGY, first compile the training step for that TPU topology on
+#            worker 0 (`python -m spikingformer_jax.aot`) and start nothing if it does not fit
 #   start    the same in the background (nohup); follow it with `logs`
 #   logs     follow train.log of one worker (--worker=N, default 0)
 #   stop     SIGTERM the run on every worker: the trainer saves a checkpoint and exits; rerun to resume
@@ -27,8 +31,11 @@
 #   --version=RUNTIME (TPU_VERSION): default tpu-ubuntu2204-base
 #   --spot: create a Spot slice; --remote-dir=DIR: checkout folder in each worker's home (spikingformer-jax)
 #   --worker=N|all: the worker(s) of `logs` (default 0); --dry-run: print every command, run nothing
+#   --python-version=V (TPU_PYTHON): the venv's Python for setup (default 3.11)
+#   --aot-check=TOPOLOGY: run/start compile the step for TOPOLOGY (e.g. v5e:4x4, v4:2x2x4) first
 # Everything after `--` goes to spikingformer_jax.main. The workdir should be a gs:// path: every host
-# of a multi-host slice writes the same checkpoints (Orbax) and must see the same directory.
+# of a multi-host slice writes the same checkpoints (Orbax) and must see the same directory. A run
+# stopped by `stop` (or a preemption) saves, prints "preempted at step N" and exits with status 75.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +45,9 @@ zone="${TPU_ZONE:-}"
 project="${TPU_PROJECT:-}"
 accelerator="${TPU_ACCELERATOR:-}"
 version="${TPU_VERSION:-tpu-ubuntu2204-base}"
+python_version="${TPU_PYTHON:-3.11}"
+uv_version="0.13.9"  # uv, from PyPI: installs the venv's Python (python-build-standalone) and the pins.
+aot_topology=""
 remote_dir="spikingformer-jax"
 worker="0"
 spot=0
@@ -45,7 +55,7 @@ dry_run=0
 train_args=()
 
 die() { echo "launch/tpu_pod.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,32p' "$0"; }
+usage() { sed -n '2,41p' "$0"; }
 
 [[ $# -ge 1 ]] || { usage; die "a command is required (up, create, setup, run, start, logs, stop, status, delete)."; }
 cmd="$1"
@@ -65,6 +75,8 @@ while [[ $# -gt 0 ]]; do
     --version=*) version="${1#*=}" ;;
     --remote-dir=*) remote_dir="${1#*=}" ;;
     --worker=*) worker="${1#*=}" ;;
+    --python-version=*) python_version="${1#*=}" ;;
+    --aot-check=*) aot_topology="${1#*=}" ;;
     --spot) spot=1 ;;
     --dry-run|--dry_run) dry_run=1 ;;
     --) shift; train_args=("$@"); break ;;
@@ -138,8 +150,11 @@ setup() {
   fi
   tpu scp "$archive" "$name:spikingformer-code.tgz" --worker=all
   local install="set -e; mkdir -p ~/$remote_dir; tar -xzf ~/spikingformer-code.tgz -C ~/$remote_dir; cd ~/$remote_dir"
+  install+="; python3 -m pip install --user --quiet 'uv==$uv_version'"
+  install+="; ~/.local/bin/uv venv --quiet --allow-existing --python $python_version .venv"
   install+="; grep -v '^torch==' requirements.txt > requirements-tpu.txt"
-  install+="; python3 -m pip install --quiet -r requirements-tpu.txt 'jax[tpu]==$jax_version'"
+  install+="; ~/.local/bin/uv pip install --quiet --python .venv/bin/python -r requirements-tpu.txt"
+  install+=" 'jax[tpu]==$jax_version'"
   tpu ssh "$name" --worker=all --command="$install"
 }
 
@@ -155,11 +170,27 @@ train_command() {
   done
   [[ $have_config == 1 && $have_workdir == 1 ]] || \
     die "'$cmd' needs the training flags after '--': --config=experiments/<benchmark>.py[:args] --workdir=gs://..."
-  local line="python3 -m spikingformer_jax.main"
+  local line=".venv/bin/python -m spikingformer_jax.main"
   for arg in "${train_args[@]}"; do
     line+=" $(quote "$arg")"
   done
   echo "$line --config.distributed=True"
+}
+
+# Compiles the training step for the --aot-check topology on worker 0 (on its CPU: no chip is
+# touched); stops here when it fails, e.g. when the step does not fit the chips' memory.
+aot_check() {
+  [[ -n $aot_topology ]] || return 0
+  local line="JAX_PLATFORMS=cpu .venv/bin/python -m spikingformer_jax.aot" arg
+  for arg in "${train_args[@]}"; do
+    case "$arg" in
+      --workdir=*|--mode=*) ;;
+      *) line+=" $(quote "$arg")" ;;
+    esac
+  done
+  line+=" $(quote "--topology=$aot_topology")"
+  tpu ssh "$name" --worker=0 --command="cd ~/$remote_dir || exit 1; $line" || \
+    die "the AOT compile check for $aot_topology failed (see above); nothing was started."
 }
 
 case "$cmd" in
@@ -168,10 +199,12 @@ case "$cmd" in
   setup) setup ;;
   run)
     main="$(train_command)"
+    aot_check
     tpu ssh "$name" --worker=all --command="cd ~/$remote_dir || exit 1; set -o pipefail; \
 { $main & echo \$! > train.pid; wait \$!; } 2>&1 | tee train.log" ;;
   start)
     main="$(train_command)"
+    aot_check
     tpu ssh "$name" --worker=all --command="cd ~/$remote_dir || exit 1; \
 nohup $main > train.log 2>&1 < /dev/null & echo \$! > train.pid" ;;
   logs) tpu ssh "$name" --worker="$worker" --command="tail -n 200 -F ~/$remote_dir/train.log" ;;

@@ -21,6 +21,11 @@ def _run(script, *args, env=None):
                         env={**os.environ, **(env or {})}, check=False)
 
 
+def _dry_run_lines(result):
+  assert result.returncode == 0, result.stderr
+  return [line for line in result.stdout.splitlines() if line.startswith('[dry-run] ')]
+
+
 def _dry_run_commands(result):
   """The argv of every `[dry-run]` line, parsed back the way a shell would."""
   assert result.returncode == 0, result.stderr
@@ -47,6 +52,27 @@ def test_local_dry_run_prints_the_trainer_command_and_requires_config_and_workdi
   assert missing.returncode == 2 and '--workdir=DIR is required' in missing.stderr
   no_python = _run('local.sh', '--python=/nonexistent/python', '--config=experiments/digits.py', '--workdir=/tmp/w')
   assert no_python.returncode == 2 and "python interpreter '/nonexistent/python' not found" in no_python.stderr
+  bad = _run('local.sh', '--dry-run', '--processes=two', '--config=experiments/digits.py', '--workdir=/tmp/w')
+  assert bad.returncode == 2 and "--processes=N needs a positive integer, got 'two'" in bad.stderr
+
+
+def test_local_multi_process_dry_run_starts_one_joined_process_each():
+  result = _run('local.sh', '--dry-run', f'--python={sys.executable}', '--processes=3', '--cpu-devices=4',
+                '--port=4321', '--config=experiments/digits.py', '--workdir=/tmp/w')
+  lines = [shlex.split(l[len('[dry-run] '):]) for l in _dry_run_lines(result)]
+  assert len(lines) == 3
+  for i, words in enumerate(lines):
+    env = dict(w.split('=', 1) for w in words[3:] if '=' in w and not w.startswith('--'))
+    assert env['JAX_COORDINATOR_ADDRESS'] == '127.0.0.1:4321' and env['JAX_NUM_PROCESSES'] == '3'
+    assert env['JAX_PROCESS_ID'] == str(i)
+    assert env['XLA_FLAGS'].startswith('--xla_force_host_platform_device_count=4')
+    assert words[-5:] == [sys.executable, '-m', 'spikingformer_jax.main', '--config=experiments/digits.py',
+                          '--workdir=/tmp/w']
+  # Without --port, a free one is picked, the same for every process.
+  picked = _run('local.sh', '--dry-run', f'--python={sys.executable}', '--processes=2', '--config=x.py',
+                '--workdir=/tmp/w')
+  ports = {w for l in _dry_run_lines(picked) for w in shlex.split(l) if w.startswith('JAX_COORDINATOR_ADDRESS=')}
+  assert len(ports) == 1 and ports.pop().startswith('JAX_COORDINATOR_ADDRESS=127.0.0.1:')
 
 
 def test_pod_up_creates_or_reuses_copies_the_code_and_installs_on_every_worker():
@@ -61,7 +87,17 @@ def test_pod_up_creates_or_reuses_copies_the_code_and_installs_on_every_worker()
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-pod'] and '--worker=all' in ssh
   remote = next(a for a in ssh if a.startswith('--command='))
   jax_pin = next(l for l in (sweep.REPO / 'requirements.txt').read_text().splitlines() if l.startswith('jax=='))
-  assert "grep -v '^torch==' requirements.txt" in remote and f"'jax[tpu]=={jax_pin[5:]}'" in remote
+  # The default image's python3 is 3.10: uv (from PyPI) makes a Python 3.11 venv, the pins go there.
+  steps = [c.strip() for c in remote[len('--command='):].split(';')]
+  assert "python3 -m pip install --user --quiet 'uv==0.13.9'" in steps
+  assert '~/.local/bin/uv venv --quiet --allow-existing --python 3.11 .venv' in steps
+  assert "grep -v '^torch==' requirements.txt > requirements-tpu.txt" in steps
+  assert (f"~/.local/bin/uv pip install --quiet --python .venv/bin/python -r requirements-tpu.txt "
+          f"'jax[tpu]=={jax_pin[5:]}'") in steps
+  assert steps.index('~/.local/bin/uv venv --quiet --allow-existing --python 3.11 .venv') < steps.index(
+      "grep -v '^torch==' requirements.txt > requirements-tpu.txt")
+  other = _run('tpu_pod.sh', 'setup', *POD, '--python-version=3.12', '--dry-run')
+  assert '--python 3.12 .venv' in _dry_run_commands(other)[-1][-2]
 
 
 @pytest.mark.parametrize('command', ['run', 'start'])
@@ -70,10 +106,32 @@ def test_pod_run_starts_the_same_trainer_command_on_all_workers(command):
   assert '--worker=all' in ssh and ssh[-2:] == ['--zone=us-central2-b', '--project=my-proj']
   remote = next(a for a in ssh if a.startswith('--command='))[len('--command='):]
   # The remote shell sees the training flags exactly (the space inside one flag survives), plus distributed.
-  main = remote[remote.index('python3 -m spikingformer_jax.main'):remote.index('--config.distributed=True')]
+  main = remote[remote.index('.venv/bin/python -m spikingformer_jax.main'):remote.index('--config.distributed=True')]
   assert shlex.split(main)[3:] == TRAIN
   assert remote.startswith('cd ~/spikingformer-jax || exit 1;') and 'train.pid' in remote
   assert ('nohup ' in remote) == (command == 'start') and ('| tee train.log' in remote) == (command == 'run')
+
+
+@pytest.mark.parametrize('command', ['run', 'start'])
+def test_pod_run_can_compile_for_the_tpu_topology_first(command):
+  aot, train = _dry_run_commands(_run('tpu_pod.sh', command, *POD, '--aot-check=v5e:4x4', '--dry-run', '--', *TRAIN))
+  assert aot[:7] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-pod', '--worker=0']
+  remote = next(a for a in aot if a.startswith('--command='))[len('--command='):]
+  prefix = 'cd ~/spikingformer-jax || exit 1; JAX_PLATFORMS=cpu .venv/bin/python -m spikingformer_jax.aot '
+  assert remote.startswith(prefix)
+  # The training config and its overrides, the topology; not the workdir.
+  assert shlex.split(remote[len(prefix):]) == TRAIN[:2] + ['--topology=v5e:4x4']
+  assert '--worker=all' in train and any('spikingformer_jax.main' in a for a in train)
+
+
+def test_pod_run_starts_nothing_when_the_topology_check_fails(tmp_path):
+  calls = tmp_path / 'calls'
+  gcloud = tmp_path / 'gcloud'  # Records its arguments; the compile check on worker 0 fails.
+  gcloud.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n[[ "$*" != *--worker=0* ]]\n')
+  gcloud.chmod(0o755)
+  result = _run('tpu_pod.sh', 'run', *POD, '--aot-check=v5e:2x2', '--', *TRAIN, env={'GCLOUD': str(gcloud)})
+  assert result.returncode == 2 and 'the AOT compile check for v5e:2x2 failed' in result.stderr
+  assert len(calls.read_text().splitlines()) == 1 and '--worker=all' not in calls.read_text()
 
 
 def test_pod_logs_stop_delete_and_clear_errors():

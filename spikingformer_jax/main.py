@@ -15,6 +15,7 @@ Exit status: 0 done; 1 an error, reported in one line (config, checkpoint, run l
 from __future__ import annotations
 
 import json
+import logging as python_logging
 import sys
 
 from absl import app, flags, logging
@@ -30,6 +31,19 @@ flags.mark_flags_as_required(['config', 'workdir'])
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, to be retried.
 
 
+def _without_closed_loop_reports(hook):
+  """`sys.unraisablehook` minus the "Event loop is closed" reports that follow a failed checkpoint save.
+
+  When one of Orbax's array writes fails, Orbax stops waiting and closes its asyncio loop; TensorStore
+  still completes every other write onto that closed loop, and each prints a traceback: dozens,
+  around the one line that says what failed.
+  """
+  def report(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
+      hook(unraisable)
+  return report
+
+
 def main(argv):
   del argv
   import jax  # noqa: PLC0415 (after flags: jax config)
@@ -39,6 +53,7 @@ def main(argv):
 
   cpu_runtime.apply_cpu_flags()
   compile_cache.enable()
+  sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
 
   config = FLAGS.config
   logging.info('Config:\n%s', config)
@@ -49,6 +64,8 @@ def main(argv):
       summary = evaluate_only.run(config, FLAGS.workdir)
   except (configs.ConfigError, checkpoint.CheckpointError, run_lock.RunLockError, data.DataError,
           weights.WeightsError) as e:
+    # What asyncio would still log at exit about Orbax's abandoned writes repeats this line dozens of times.
+    python_logging.getLogger('asyncio').setLevel(python_logging.CRITICAL)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:

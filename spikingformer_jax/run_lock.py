@@ -242,15 +242,17 @@ def _broadcast_text(text: str, size: int = 4096) -> str:
 def hold(workdir, stale_after_s: float):
   """Holds the workdir's lock for the whole job (process 0 takes it); yields it (None off process 0).
 
-  Every process raises the same RunLockError when process 0 is refused.
+  Every process raises the same RunLockError when process 0 is refused or cannot take it.
   """
   lock, refusal = None, ''
   if jax.process_index() == 0:
-    lock = make_lock(workdir, stale_after_s)
     try:
+      lock = make_lock(workdir, stale_after_s)
       lock.acquire()
     except RunLockError as e:
       lock, refusal = None, str(e)
+    except Exception as e:  # e.g. no permission: every process must hear of it, or the others wait forever.
+      lock, refusal = None, f'Cannot take the run lock of {workdir} ({type(e).__name__}: {e}).'
   if jax.process_count() > 1:
     refusal = _broadcast_text(refusal)
   if refusal:

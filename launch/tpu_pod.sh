@@ -12,8 +12,8 @@
 #   create   create the slice unless it exists
 #   setup    copy this checkout (git-tracked and untracked-not-ignored files) to every worker, make a
 #            Python 3.11 venv there (uv, installed from PyPI: the default image's python3 is 3.10, older
-#            than the pins accept) and install requirements.txt (without torch) plus jax[tpu] of the
-#            pinned jax version into it
+#            than the pins accept) and install requirements.txt (without torch), requirements-tpu.txt
+#            (libtpu) and jax[tpu] of the pinned jax version into it
 #   run      start `.venv/bin/python -m spikingformer_jax.main <flags> --config.distributed=True` on
 #            all workers and stream their output until it ends (the output is also kept in train.log);
 #            with --aot-check=TOPOLOGY, first compile the training step for that TPU topology on
@@ -152,9 +152,9 @@ setup() {
   local install="set -e; mkdir -p ~/$remote_dir; tar -xzf ~/spikingformer-code.tgz -C ~/$remote_dir; cd ~/$remote_dir"
   install+="; python3 -m pip install --user --quiet 'uv==$uv_version'"
   install+="; ~/.local/bin/uv venv --quiet --allow-existing --python $python_version .venv"
-  install+="; grep -v '^torch==' requirements.txt > requirements-tpu.txt"
-  install+="; ~/.local/bin/uv pip install --quiet --python .venv/bin/python -r requirements-tpu.txt"
-  install+=" 'jax[tpu]==$jax_version'"
+  install+="; grep -v '^torch==' requirements.txt > requirements-pod.txt"
+  install+="; ~/.local/bin/uv pip install --quiet --python .venv/bin/python -r requirements-pod.txt"
+  install+=" -r requirements-tpu.txt 'jax[tpu]==$jax_version'"
   tpu ssh "$name" --worker=all --command="$install"
 }
 

@@ -91,11 +91,11 @@ def test_pod_up_creates_or_reuses_copies_the_code_and_installs_on_every_worker()
   steps = [c.strip() for c in remote[len('--command='):].split(';')]
   assert "python3 -m pip install --user --quiet 'uv==0.13.9'" in steps
   assert '~/.local/bin/uv venv --quiet --allow-existing --python 3.11 .venv' in steps
-  assert "grep -v '^torch==' requirements.txt > requirements-tpu.txt" in steps
-  assert (f"~/.local/bin/uv pip install --quiet --python .venv/bin/python -r requirements-tpu.txt "
-          f"'jax[tpu]=={jax_pin[5:]}'") in steps
+  assert "grep -v '^torch==' requirements.txt > requirements-pod.txt" in steps
+  assert (f"~/.local/bin/uv pip install --quiet --python .venv/bin/python -r requirements-pod.txt "
+          f"-r requirements-tpu.txt 'jax[tpu]=={jax_pin[5:]}'") in steps
   assert steps.index('~/.local/bin/uv venv --quiet --allow-existing --python 3.11 .venv') < steps.index(
-      "grep -v '^torch==' requirements.txt > requirements-tpu.txt")
+      "grep -v '^torch==' requirements.txt > requirements-pod.txt")
   other = _run('tpu_pod.sh', 'setup', *POD, '--python-version=3.12', '--dry-run')
   assert '--python 3.12 .venv' in _dry_run_commands(other)[-1][-2]
 

@@ -33,20 +33,32 @@ def _cutmix_box_mask(rng, lam, height, width):
   return inside, 1.0 - area / (height * width)
 
 
+def _beta_or_one(rng, alpha):
+  """Beta(alpha, alpha), or exactly 1 (no mixing) where alpha is 0; alpha may be traced."""
+  if isinstance(alpha, (int, float)):
+    return jax.random.beta(rng, alpha, alpha) if alpha > 0 else jnp.float32(1.0)
+  positive = alpha > 0
+  safe = jnp.where(positive, alpha, 1.0)
+  return jnp.where(positive, jax.random.beta(rng, safe, safe), 1.0)
+
+
 def mix_batch(rng, images, labels, *, num_classes, smoothing, mixup_alpha, cutmix_alpha, prob, switch_prob,
               enabled=True):
-  """Returns (mixed images, soft targets). `enabled` may be a traced bool (mixup switched off late)."""
+  """Returns (mixed images, soft targets). `enabled` may be a traced bool (mixup switched off late).
+
+  `smoothing` and the alphas may be traced too (one value per vmapped trial): a traced alpha of 0
+  gives the same batch and targets as a Python 0.
+  """
   targets = smooth_one_hot(labels, num_classes, smoothing)
-  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+  static_zero = lambda a: isinstance(a, (int, float)) and a <= 0
+  if static_zero(mixup_alpha) and static_zero(cutmix_alpha):
     return images, targets
   k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
   apply = jnp.logical_and(jax.random.uniform(k_apply) < prob, enabled)
-  if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(k_switch) < switch_prob
-  else:
-    use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+  mixup_on, cutmix_on = jnp.asarray(mixup_alpha) > 0, jnp.asarray(cutmix_alpha) > 0
+  use_cutmix = jnp.where(mixup_on & cutmix_on, jax.random.uniform(k_switch) < switch_prob, cutmix_on)
+  lam_mix = _beta_or_one(k_mix, mixup_alpha)
+  lam_cut = _beta_or_one(k_cut, cutmix_alpha)
   height, width = images.shape[-3], images.shape[-2]
   inside, lam_box = _cutmix_box_mask(k_box, lam_cut, height, width)
   flipped = images[::-1]

@@ -16,13 +16,17 @@ from flax import traverse_util
 
 
 def timm_cosine_lr(epoch, *, lr, min_lr, warmup_lr, warmup_epochs, num_epochs):
-  """The LR at a (possibly fractional) epoch; pure jnp so it runs inside jit."""
+  """The LR at a (possibly fractional) epoch; pure jnp so it runs inside jit.
+
+  The hyperparameters may be traced (one value per vmapped trial, spikingformer_jax.trials); a traced
+  warmup_epochs of 0 selects the cosine everywhere, as a Python 0 does.
+  """
   epoch = jnp.asarray(epoch, jnp.float32)
   cosine = min_lr + 0.5 * (lr - min_lr) * (1.0 + jnp.cos(jnp.pi * jnp.minimum(epoch, num_epochs) / num_epochs))
-  if warmup_epochs > 0:
-    warm = warmup_lr + epoch * (lr - warmup_lr) / warmup_epochs
-    return jnp.where(epoch < warmup_epochs, warm, cosine)
-  return cosine
+  if isinstance(warmup_epochs, (int, float)) and warmup_epochs <= 0:
+    return cosine
+  warm = warmup_lr + epoch * (lr - warmup_lr) / jnp.maximum(warmup_epochs, 1e-9)
+  return jnp.where(epoch < warmup_epochs, warm, cosine)
 
 
 def make_schedule(optim_cfg, num_epochs: int, steps_per_epoch: int):
@@ -48,11 +52,14 @@ def frozen_labels(params, freeze_regex: str):
   return traverse_util.unflatten_dict(labels)
 
 
-def make_optimizer(optim_cfg, schedule, params, freeze_regex: str = '') -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, schedule, params, freeze_regex: str = '', weight_decay=None
+                   ) -> optax.GradientTransformation:
+  """AdamW on `schedule`; `weight_decay` (default optim_cfg.weight_decay) may be a traced value."""
   if optim_cfg.name != 'adamw':
     raise ValueError(f'config.optim.name = {optim_cfg.name!r}: only "adamw" (the reference recipe) is supported.')
+  weight_decay = optim_cfg.weight_decay if weight_decay is None else weight_decay
   tx = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                   weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+                   weight_decay=weight_decay, mask=decay_mask)
   if optim_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
   if freeze_regex:

@@ -7,6 +7,7 @@ loop around them (`train_and_evaluate`) owns data, checkpoints, logging and pree
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -108,13 +109,21 @@ class StepContext:
   schedule: Callable
 
 
+LOSS_HPARAMS = ('label_smoothing', 'mixup_alpha', 'cutmix_alpha')
+
+
 def make_train_step(ctx: StepContext):
+  """`train_step(state, batch, rng, hparams=None)`: one optimizer step.
+
+  `hparams` may give any of LOSS_HPARAMS as (traced) values in place of the config's: vmapped trials
+  (spikingformer_jax.trials) pass one value per trial.
+  """
   config, model = ctx.config, ctx.model
   accum = int(config.grad_accum_steps)
   use_mixup = config.task == 'classification' and not is_text(config)
   mix_cfg = config.mixup
 
-  def microbatch_grads(params, batch_stats, mb, rng, epoch):
+  def microbatch_grads(params, batch_stats, mb, rng, epoch, hp):
     inputs = model_inputs(mb)
     soft_targets = None
     if config.task == 'classification':
@@ -122,11 +131,11 @@ def make_train_step(ctx: StepContext):
         enabled = True if mix_cfg.off_epoch < 0 else epoch < mix_cfg.off_epoch
         image, soft_targets = mixup.mix_batch(
             rng, mb['image'], mb['label'], num_classes=config.model.num_classes,
-            smoothing=config.label_smoothing, mixup_alpha=mix_cfg.mixup_alpha, cutmix_alpha=mix_cfg.cutmix_alpha,
+            smoothing=hp['label_smoothing'], mixup_alpha=hp['mixup_alpha'], cutmix_alpha=hp['cutmix_alpha'],
             prob=mix_cfg.prob, switch_prob=mix_cfg.switch_prob, enabled=enabled)
         inputs = (image,)
       else:
-        soft_targets = mixup.smooth_one_hot(mb['label'], config.model.num_classes, config.label_smoothing)
+        soft_targets = mixup.smooth_one_hot(mb['label'], config.model.num_classes, hp['label_smoothing'])
 
     def loss_fn(p):
       outputs, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, *inputs, train=True,
@@ -137,17 +146,19 @@ def make_train_step(ctx: StepContext):
     (loss, (new_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, new_stats, loss, jnp.mean(correct)
 
-  def train_step(state: State, batch: dict, rng: jax.Array):
+  def train_step(state: State, batch: dict, rng: jax.Array, hparams: dict | None = None):
+    hp = {'label_smoothing': config.label_smoothing, 'mixup_alpha': mix_cfg.mixup_alpha,
+          'cutmix_alpha': mix_cfg.cutmix_alpha, **(hparams or {})}
     epoch = state['step'] // ctx.steps_per_epoch
     if accum == 1:
-      grads, new_stats, loss, acc = microbatch_grads(state['params'], state['batch_stats'], batch, rng, epoch)
+      grads, new_stats, loss, acc = microbatch_grads(state['params'], state['batch_stats'], batch, rng, epoch, hp)
     else:  # Gradient accumulation: a scan over microbatches, BatchNorm statistics threaded through.
       micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
       def body(carry, xs):
         grad_sum, stats = carry
         mb, i = xs
-        g, stats, loss, acc = microbatch_grads(state['params'], stats, mb, jax.random.fold_in(rng, i), epoch)
+        g, stats, loss, acc = microbatch_grads(state['params'], stats, mb, jax.random.fold_in(rng, i), epoch, hp)
         return (jax.tree_util.tree_map(jnp.add, grad_sum, g), stats), (loss, acc)
 
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state['params'])
@@ -209,18 +220,17 @@ def merge_pretrained(fresh: dict, pretrained: dict, addable: Sequence[str] = ())
   return traverse_util.unflatten_dict(merged), notes
 
 
-def _state_init_fn(ctx: StepContext, example: tuple, rng) -> Callable[[], State]:
-  def init():
-    variables = ctx.model.init(rng, *example, train=False)
-    params, batch_stats = variables['params'], variables.get('batch_stats', {})
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'batch_stats': batch_stats,
-            'opt_state': ctx.tx.init(params)}
-  return init
+def init_state(ctx: StepContext, example: tuple, rng) -> State:
+  """A fresh training state (pure: jit or vmap it over `rng`)."""
+  variables = ctx.model.init(rng, *example, train=False)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'batch_stats': batch_stats,
+          'opt_state': ctx.tx.init(params)}
 
 
 def abstract_state(ctx: StepContext, mesh, example: tuple) -> tuple[State, Any]:
   """The state's shapes and dtypes with their shardings on `mesh` (nothing allocated), and the shardings."""
-  abstract = jax.eval_shape(_state_init_fn(ctx, example, jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(functools.partial(init_state, ctx, example), jax.random.PRNGKey(0))
   shardings = sharding.state_shardings(abstract, mesh)
   with_shardings = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           abstract, shardings)
@@ -237,23 +247,38 @@ def jit_train_step(ctx: StepContext, state_shardings, mesh):
 def create_state(ctx: StepContext, mesh, example: tuple, rng, init_from: str = ''):
   """The initial state, created directly with its shardings (nothing materialised on one device first)."""
   _, shardings = abstract_state(ctx, mesh, example)
-  state = jax.jit(_state_init_fn(ctx, example, rng), out_shardings=shardings)()
+  # The seed is an input, not a constant: one compiled init for every seed (a host value: fine on any process).
+  state = jax.jit(functools.partial(init_state, ctx, example), out_shardings=shardings)(np.asarray(rng))
   if init_from:
-    pretrained = checkpoint.load_variables(init_from)
-    fresh = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    merged, notes = merge_pretrained(fresh, pretrained, getattr(ctx.model, 'added_in_finetuning', ()))
-    for note in notes:
-      logging.info('init_from: %s', note)
-    merged = jax.device_put(merged, {'params': shardings['params'], 'batch_stats': shardings['batch_stats']})
-    state = dict(state, params=merged['params'], batch_stats=merged['batch_stats'])
-    state['opt_state'] = jax.jit(ctx.tx.init, out_shardings=shardings['opt_state'])(state['params'])
+    state = load_pretrained(ctx, state, shardings, checkpoint.load_variables(init_from))
   return state, shardings
+
+
+def load_pretrained(ctx: StepContext, state: State, shardings, pretrained: dict, tx_init=None) -> State:
+  """`state` with every pretrained variable that fits (merge_pretrained) and a fresh optimizer state.
+
+  `tx_init` (default ctx.tx.init) builds the optimizer state from the parameters (vmapped for trials).
+  """
+  fresh = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  merged, notes = merge_pretrained(fresh, pretrained, getattr(ctx.model, 'added_in_finetuning', ()))
+  for note in notes:
+    logging.info('init_from: %s', note)
+  merged = jax.device_put(merged, {'params': shardings['params'], 'batch_stats': shardings['batch_stats']})
+  state = dict(state, params=merged['params'], batch_stats=merged['batch_stats'])
+  state['opt_state'] = jax.jit(tx_init or ctx.tx.init, out_shardings=shardings['opt_state'])(state['params'])
+  return state
 
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation.
 
 def evaluate(eval_fn, state, loader, mesh, config, info) -> dict:
+  del info
+  return eval_metrics(config, *collect_outputs(eval_fn, state, loader, mesh, config))
+
+
+def collect_outputs(eval_fn, state, loader, mesh, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(outputs, labels, mask) of the whole split, gathered from every process; outputs stack on axis 0."""
   outputs, labels, masks = [], [], []
   for batch in loader:
     gbatch = sharding.global_batch(batch, mesh)
@@ -264,7 +289,11 @@ def evaluate(eval_fn, state, loader, mesh, config, info) -> dict:
     if config.task == 'mlm':  # Masked positions of real examples.
       mask = gbatch['mlm_weights'] * mask[:, None]
     masks.append(np.asarray(multihost_utils.process_allgather(mask, tiled=True)))
-  out, lab, mask = np.concatenate(outputs), np.concatenate(labels), np.concatenate(masks)
+  return np.concatenate(outputs), np.concatenate(labels), np.concatenate(masks)
+
+
+def eval_metrics(config, out, lab, mask) -> dict:
+  """The task's metrics of gathered eval outputs (mask: 1 for real examples, 0 for padding)."""
   if config.task == 'mlm':
     return {'mlm_accuracy': metrics.accuracy(out, lab, mask), 'num_masked_tokens': float(mask.sum())}
   result = {}

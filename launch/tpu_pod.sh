@@ -33,6 +33,8 @@
 #   --worker=N|all: the worker(s) of `logs` (default 0); --dry-run: print every command, run nothing
 #   --python-version=V (TPU_PYTHON): the venv's Python for setup (default 3.11)
 #   --aot-check=TOPOLOGY: run/start compile the step for TOPOLOGY (e.g. v5e:4x4, v4:2x2x4) first
+#   --module=NAME: what run/start execute (default spikingformer_jax.main; the sweep driver sends
+#            vmapped trial groups as spikingformer_jax.trials)
 # Everything after `--` goes to spikingformer_jax.main. The workdir should be a gs:// path: every host
 # of a multi-host slice writes the same checkpoints (Orbax) and must see the same directory. A run
 # stopped by `stop` (or a preemption) saves, prints "preempted at step N" and exits with status 75.
@@ -50,12 +52,13 @@ uv_version="0.13.9"  # uv, from PyPI: installs the venv's Python (python-build-s
 aot_topology=""
 remote_dir="spikingformer-jax"
 worker="0"
+module="spikingformer_jax.main"
 spot=0
 dry_run=0
 train_args=()
 
 die() { echo "launch/tpu_pod.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,41p' "$0"; }
+usage() { sed -n '2,43p' "$0"; }
 
 [[ $# -ge 1 ]] || { usage; die "a command is required (up, create, setup, run, start, logs, stop, status, delete)."; }
 cmd="$1"
@@ -74,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --accelerator=*) accelerator="${1#*=}" ;;
     --version=*) version="${1#*=}" ;;
     --remote-dir=*) remote_dir="${1#*=}" ;;
+    --module=*) module="${1#*=}" ;;
     --worker=*) worker="${1#*=}" ;;
     --python-version=*) python_version="${1#*=}" ;;
     --aot-check=*) aot_topology="${1#*=}" ;;
@@ -159,7 +163,14 @@ setup() {
 }
 
 train_command() {
-  local have_config=0 have_workdir=0 arg
+  local have_config=0 have_workdir=0 arg line=".venv/bin/python -m $module"
+  if [[ $module != spikingformer_jax.main ]]; then
+    for arg in "${train_args[@]}"; do
+      line+=" $(quote "$arg")"
+    done
+    echo "$line"
+    return
+  fi
   for arg in "${train_args[@]}"; do
     case "$arg" in
       --config=*) have_config=1 ;;
@@ -170,7 +181,6 @@ train_command() {
   done
   [[ $have_config == 1 && $have_workdir == 1 ]] || \
     die "'$cmd' needs the training flags after '--': --config=experiments/<benchmark>.py[:args] --workdir=gs://..."
-  local line=".venv/bin/python -m spikingformer_jax.main"
   for arg in "${train_args[@]}"; do
     line+=" $(quote "$arg")"
   done

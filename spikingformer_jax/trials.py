@@ -14,8 +14,8 @@ layout, metrics.jsonl, TensorBoard files, summary.json). So a trial resumes, fin
 (`--config.init_from=<workdir>`) and evaluates (`--mode=eval`) like any run, and equals its separate
 run up to float rounding (vmapped products sum in another order).
 
-  python -m spikingformer_jax.trials --sweep=experiments/sweeps/digits_lr_seed.py --root=/tmp/sweep \
-      --trials=optim.lr=0.001_seed=1,optim.lr=0.002_seed=1
+  python -m spikingformer_jax.trials --sweep=experiments/sweeps/digits_lr_wd.py --root=/tmp/digits_sweep \
+      --trials=optim.lr=0.001_optim.weight_decay=0.01_seed=0,optim.lr=0.001_optim.weight_decay=0.01_seed=1
 
 runs the named trials of a sweep as one group (what `spikingformer_jax.sweep --vmap=K` starts).
 """
@@ -87,7 +87,8 @@ def check_group(trial_configs: Sequence, names: Sequence[str]):
 
 def hyperparams(trial_configs: Sequence) -> dict[str, np.ndarray]:
   """{input name: float32 [K]} of every trial's TRIAL_HPARAMS values."""
-  return {name: np.asarray([flat_config(c)[key] for c in trial_configs], np.float32) for key, name in TRIAL_HPARAMS.items()}
+  flats = [flat_config(c) for c in trial_configs]
+  return {name: np.asarray([f[key] for f in flats], np.float32) for key, name in TRIAL_HPARAMS.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,8 +148,8 @@ def init_states(ctx, mesh, example, trial_configs, managers, batches, names):
   """(stacked state, one trial's shardings, the stack's shardings): every trial resumed from its latest
   checkpoint (and its data iterator with it), or created as its separate run creates it.
 
-  Fresh states come from one compiled init run once per seed (a vmapped init compiles the random
-  initialisers K-fold, 2-3x slower than K runs of the plain one).
+  Fresh states come from the plain init, compiled once and run once per seed: vmapped, the random
+  initialisers took twice as long to compile as the K runs of the plain one take in all.
   """
   init = functools.partial(train.init_state, ctx, example)
   rngs = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in trial_configs])

@@ -131,7 +131,8 @@ def test_vmap_groups_only_trials_that_differ_in_hyperparameters_and_seeds(tmp_pa
   runs = sweep.expand(path, str(tmp_path / 'root'))
   jobs = sweep.plan_jobs(runs, vmap=2)
   assert [[r.name for r in j.runs] for j in jobs] == [
-      ['optim.lr=0.001_seed=1', 'optim.lr=0.002_seed=2'], ['model.T=2'], ['label_smoothing=0.1', 'mixup.mixup_alpha=0.2']]
+      ['optim.lr=0.001_seed=1', 'optim.lr=0.002_seed=2'], ['model.T=2'],
+      ['label_smoothing=0.1', 'mixup.mixup_alpha=0.2']]
   assert [j.kind for j in jobs] == ['vmap x2', 'process', 'vmap x2']
   group = sweep.command(jobs[0], 'local', python='python3', sweep_path=path, root=str(tmp_path / 'root'))
   assert group == ['python3', '-m', 'spikingformer_jax.trials', f'--sweep={path}', f'--root={tmp_path / "root"}',
@@ -320,7 +321,8 @@ def test_report_tables_and_plots_for_finished_running_and_failed_trials(tmp_path
   running, finished, failed = table
   assert (finished['status'], finished['step'], finished['total steps']) == ('finished', '30', '30')
   assert float(finished['best top1']) == summary['best']['top1'] and finished['best step'] == '20'
-  assert float(finished['final top1']) == summary['final']['top1'] and float(finished['images/s']) == 125.0  # median after the first
+  assert float(finished['final top1']) == summary['final']['top1']
+  assert float(finished['images/s']) == 125.0  # the median after the first (compiling) interval
   assert (running['status'], running['step'], running['final top1'], running['job']) == ('running', '20', '0.7',
                                                                                           'vmap x2')
   assert failed['status'] == 'failed' and failed['note'] == 'exit code 1: ValueError: boom' and not failed['best top1']

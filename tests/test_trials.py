@@ -2,6 +2,7 @@
 
 The end-to-end equality of K vmapped trials with their separate runs is in test_sweep_digits.py.
 """
+import functools
 import pathlib
 import sys
 
@@ -11,21 +12,14 @@ import numpy as np
 import optax
 import pytest
 
-from spikingformer_jax import mixup, optim, trials
+from spikingformer_jax import mixup, optim, sweep, trials
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'experiments'))
 import digits  # noqa: E402
 
 
 def _config(**changes):
-  c = digits.get_config()
-  for key, value in changes.items():
-    node = c
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
+  return sweep.apply_overrides(digits.get_config(), changes)
 
 
 def test_a_group_may_differ_only_in_optimizer_hyperparameters_and_seeds():
@@ -62,8 +56,8 @@ def test_traced_mixup_and_smoothing_equal_the_constant_ones():
   traced = jax.jit(lambda rng, s, m, c: mixup.mix_batch(rng, images, labels, smoothing=s, mixup_alpha=m,
                                                         cutmix_alpha=c, **kwargs))
   for mixup_alpha, cutmix_alpha in ((0.0, 0.0), (0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-    constant = jax.jit(lambda rng: mixup.mix_batch(rng, images, labels, smoothing=0.1, mixup_alpha=mixup_alpha,  # noqa: B023
-                                                   cutmix_alpha=cutmix_alpha, **kwargs))
+    constant = jax.jit(functools.partial(mixup.mix_batch, images=images, labels=labels, smoothing=0.1,
+                                         mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, **kwargs))
     for seed in range(3):
       rng = jax.random.PRNGKey(seed)
       for want, got in zip(constant(rng), traced(rng, 0.1, mixup_alpha, cutmix_alpha)):

@@ -6,7 +6,9 @@ learning-rate x seed combinations, `--steps` steps each): `python -m spikingform
 process). Each runs in a fresh worker process that reports the wall time of the whole sweep, the
 peak RSS of its largest process (getrusage of the finished children), the trials' steady training
 throughput (the median images/s of their metrics.jsonl after the first, compiling, interval) and
-their final top-1, which the two ways must agree on.
+their final top-1. A second table times one 3x3 convolution (forward and both gradients) of K trials'
+own kernels, vmapped (XLA: one grouped convolution) against K ordinary ones in one program, which is
+where the vmapped step loses on the CPU.
 
   python -m benchmarks.sweep_vmap --trials 8 --steps 88 --rounds 1
 """
@@ -51,7 +53,28 @@ def worker(mode: str, sweep_path: str, root: str, trials: int):
   print(json.dumps({
       'wall_s': wall, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
       'images_per_sec': [r.images_per_sec for r in results], 'top1': {r.name: r.final for r in results},
-      'status': [r.status for r in results]}))
+      'loss': {r.name: r.loss_curve for r in results}, 'status': [r.status for r in results]}))
+
+
+def conv_rows(trials: int, repeats: int = 10) -> list[tuple]:
+  """A digits-stem-sized 3x3 convolution with per-trial kernels: vmapped vs the K convolutions one by one."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  def grads(x, w):
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))(x, w)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (trials, 128, 8, 8, 32))  # T x batch 32, 8x8, 32 channels
+  w = 0.01 * jax.random.normal(jax.random.PRNGKey(1), (trials, 3, 3, 32, 64))
+  vmapped = jax.jit(jax.vmap(grads))
+  one_by_one = jax.jit(lambda x, w: [grads(x[i], w[i]) for i in range(trials)])
+  times = {}
+  for _ in range(2):  # interleaved rounds; the last one counts
+    for name, fn in (('vmapped (one grouped convolution)', vmapped), ('one by one in one program', one_by_one)):
+      times[name] = common.median_time(lambda: jax.block_until_ready(fn(x, w)), repeats)[0]  # noqa: B023
+  base = times['one by one in one program']
+  return [(name, f'{1000 * t:.0f}', f'{t / base:.2f}') for name, t in times.items()]
 
 
 def main():
@@ -67,6 +90,9 @@ def main():
   if args.worker:
     worker(args.worker, args.sweep, args.root, args.trials)
     return
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from spikingformer_jax import cpu_runtime  # noqa: PLC0415 (the trainer's XLA:CPU options, for conv_rows)
+  cpu_runtime.apply_cpu_flags()
   lines = ['# K digits trials: one vmapped step vs one run after another', '', *common.machine_lines(),
            f'- command: `{common.command_line("benchmarks.sweep_vmap")}`', '']
   env = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
@@ -102,8 +128,18 @@ def main():
   lines += [f'{args.trials} trials of the digits default (spikingformer-tiny, T=4, batch 32), {args.steps} steps '
             f'each, {args.rounds} round(s) of each contender, alternating.', '']
   lines += common.markdown_table(header, table)
-  lines += ['', 'Final top-1 of each trial both ways (vmapped products sum in another order, so the two can part by '
-            'a few test images over a run):', '']
+  lines += ['', f'A 3x3 convolution, forward and both gradients, of {args.trials} trials\' own kernels on '
+            '[128, 8, 8, 32] inputs (the digits stem\'s size), median of 10 calls:', '']
+  lines += common.markdown_table(['how', 'ms', 'ratio'], conv_rows(args.trials))
+  seq_loss, vm_loss = measured['sequential'][0]['loss'], measured['vmapped'][0]['loss']
+  steps = [s for s, _ in next(iter(seq_loss.values()))]
+  drift = [(s, max(abs(vm_loss[n][i][1] - seq_loss[n][i][1]) / seq_loss[n][i][1] for n in seq_loss))
+           for i, s in enumerate(steps)]
+  lines += ['', 'The largest relative difference of a trial\'s logged training loss between the two ways, by step '
+            '(vmapped products sum in another order; with Adam\'s eps = 1e-8 and spike thresholds the rounding '
+            'differences grow over a run):', '']
+  lines += common.markdown_table(['step', 'max relative loss difference'], [(s, f'{d:.1e}') for s, d in drift])
+  lines += ['', 'Final top-1 of each trial both ways:', '']
   lines += common.markdown_table(['trial', 'sequential', 'vmapped'], [(n, f'{a:.4f}', f'{b:.4f}') for n, a, b in top1])
   common.write_report(args.out, lines)
 

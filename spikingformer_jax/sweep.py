@@ -56,7 +56,7 @@ from typing import Any, Sequence
 import ml_collections
 from etils import epath
 
-from spikingformer_jax import configs, sweep_results, trials
+from spikingformer_jax import configs, sweep_results, train, trials
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_NAME = 120
@@ -361,8 +361,9 @@ class _Process:
   def __init__(self, job: Job, cmd: list[str], slot: Slot, stream):
     self.job, self.slot, self.stopping = job, slot, {}
     env = {**os.environ, **slot.env, 'PYTHONUNBUFFERED': '1', 'TQDM_DISABLE': '1'}  # no progress bars in pipes
+    # Its own session: a Ctrl-C reaches only the driver, which stops each trial with SIGTERM (a checkpoint).
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, errors='replace')
+                                 text=True, errors='replace', start_new_session=True)
     if slot.cpus is not None:
       os.sched_setaffinity(self.proc.pid, slot.cpus)  # before it starts JAX: its thread pools follow
     self.tail = collections.deque(maxlen=40)
@@ -381,13 +382,22 @@ class _Process:
     return (errors or lines or ['(no output)'])[-1].strip()[:500]
 
 
-def _steps_per_epoch(run: Run) -> int | None:
-  from spikingformer_jax import train  # noqa: PLC0415 (data pipelines only when early stopping needs epochs)
-  config = run.build_config()
-  try:
-    return train.plan(config, train.data_module(config).dataset_info(config.data))[0]
-  except Exception:  # noqa: BLE001 (an unreadable dataset here: the rule then needs steps)
-    return None
+def steps_per_epoch(runs: Sequence[Run]) -> int:
+  """The trials' common steps per epoch, for an early-stopping rule given in epochs."""
+  found = {}
+  for run in runs:
+    config = run.build_config()
+    key = json.dumps([config.data.to_dict(), config.batch_size], sort_keys=True, default=str)
+    if key not in found:
+      try:
+        found[key] = train.plan(config, train.data_module(config).dataset_info(config.data))[0]
+      except Exception as e:  # noqa: BLE001 (any reason the dataset cannot be read here)
+        raise SweepError(f'early_stopping.epochs: cannot read the dataset of {run.name} here to count its steps per '
+                         f'epoch ({type(e).__name__}: {e}); give early_stopping.steps instead.') from None
+  if len(set(found.values())) > 1:
+    raise SweepError(f'early_stopping.epochs: the trials have different steps per epoch ({sorted(set(found.values()))}'
+                     '); give early_stopping.steps instead.')
+  return next(iter(found.values()))
 
 
 class Driver:
@@ -403,9 +413,7 @@ class Driver:
     self.running: list[_Process] = []
     self.outcome = {'started': [], 'failed': [], 'stopped': []}
     self.all_runs = [r for j in jobs for r in j.runs]
-    self.steps_per_epoch = None
-    if self.early and self.early.epochs:
-      self.steps_per_epoch = _steps_per_epoch(self.all_runs[0])
+    self.steps_per_epoch = steps_per_epoch(self.all_runs) if self.early and self.early.epochs else None
 
   def say(self, text):
     print(text, file=self.stream, flush=True)
@@ -467,8 +475,11 @@ class Driver:
         process.proc.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
 
   def run(self):
+    """Runs every job; on Ctrl-C or SIGTERM the running trials get SIGTERM (each saves a checkpoint)."""
     free = list(self.slots)
     last_check = 0.0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
       while self.pending or self.running:
         while self.pending and free:
@@ -489,7 +500,15 @@ class Driver:
         process.proc.wait()
         self.finish(process)
       raise
+    finally:
+      if in_main_thread:
+        signal.signal(signal.SIGTERM, previous)
     return self.outcome
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 def launch(runs: list[Run], target: str, *, dry_run: bool, tpu_args: str = '', stream=sys.stdout,
@@ -511,16 +530,14 @@ def launch(runs: list[Run], target: str, *, dry_run: bool, tpu_args: str = '', s
       todo.append(run)
   jobs = plan_jobs(todo, vmap)
   slots = list(slots) or [Slot({})] * parallel
+  driver = Driver(jobs, slots, target, sweep_path=sweep_path, root=root, tpu_args=tpu_args, python=python,
+                  stream=stream, early_stopping=early_stopping, metric=metric, poll_seconds=poll_seconds)
   if dry_run:
     for i, job in enumerate(jobs):
       slot = slots[i % len(slots)]
-      extra = f' --name={slot.tpu_name}' if slot.tpu_name else ''
-      cmd = command(job, target, python=python, tpu_args=tpu_args + extra, sweep_path=sweep_path, root=root)
-      env = ' '.join(f'{k}={v}' for k, v in slot.env.items())
-      print((env + ' ' if env else '') + shlex.join(cmd), file=stream, flush=True)
+      env = ''.join(f'{k}={v} ' for k, v in slot.env.items())
+      print(env + shlex.join(driver.command(job, slot)), file=stream, flush=True)
     return {'skipped': skipped, 'started': [r.name for r in todo], 'failed': [], 'stopped': []}
-  driver = Driver(jobs, slots, target, sweep_path=sweep_path, root=root, tpu_args=tpu_args, python=python,
-                  stream=stream, early_stopping=early_stopping, metric=metric, poll_seconds=poll_seconds)
   return dict(skipped=skipped, **driver.run())
 
 
@@ -593,6 +610,9 @@ def main(argv=None):
                     poll_seconds=args.poll_seconds)
   except (SweepError, configs.ConfigError, ValueError) as e:
     parser.exit(2, f'error: {e}\n')
+  except KeyboardInterrupt:
+    print('# interrupted: rerun the same command to resume the unfinished trials')
+    return 130
   stopped = f', {len(result["stopped"])} stopped early' if result['stopped'] else ''
   print(f'# {len(runs)} runs: {len(result["skipped"])} finished, {len(result["started"])} '
         f'{"to start" if args.dry_run else "started"}, {len(result["failed"])} failed{stopped}')

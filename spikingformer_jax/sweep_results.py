@@ -178,9 +178,9 @@ class EarlyStopping:
 
 
 def value_at(result: TrialResult, step: int) -> float | None:
-  """The metric of the last evaluation at or before `step`, once the trial has passed it (or ended)."""
-  ended = result.status in ('finished', 'stopped', 'failed')
-  if not result.eval_curve or (result.eval_curve[-1][0] < step and not ended):
+  """The metric of the last evaluation at or before `step`, if the trial got that far (evaluated at or after
+  it); a trial that ended or was stopped earlier does not count."""
+  if not result.eval_curve or result.eval_curve[-1][0] < step:
     return None
   before = [v for s, v in result.eval_curve if s <= step]
   return before[-1] if before else None

@@ -12,7 +12,11 @@ Each trial is its own run: it gets the initial state, data order and step keys o
 writes to its workdir what `spikingformer_jax.main` writes there (Orbax checkpoints in checkpoint.py's
 layout, metrics.jsonl, TensorBoard files, summary.json). So a trial resumes, fine-tunes
 (`--config.init_from=<workdir>`) and evaluates (`--mode=eval`) like any run, and equals its separate
-run up to float rounding (vmapped products sum in another order).
+run up to float rounding: vmapped products sum in another order, and over many steps those
+differences grow as any change of summation order makes them grow (Adam's small eps, spike
+thresholds). On the CPU, XLA runs the trials' convolutions as one grouped convolution, slower than
+the K convolutions one by one (BENCHMARKS.md): there a group saves processes and compilations, not
+arithmetic.
 
   python -m spikingformer_jax.trials --sweep=experiments/sweeps/digits_lr_wd.py --root=/tmp/digits_sweep \
       --trials=optim.lr=0.001_optim.weight_decay=0.01_seed=0,optim.lr=0.001_optim.weight_decay=0.01_seed=1

@@ -6,9 +6,11 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -188,9 +190,10 @@ def test_median_rule_stops_trials_below_the_median_once_enough_trials_reached_th
   stops = sweep_results.decide_stops(rule, results, {'b', 'c', 'd'}, 'top1', steps_per_epoch=10)
   assert list(stops) == ['b'] and 'top1 0.3000 at epoch 2 < median 0.6000 of 3 trials' in stops['b']
   assert sweep_results.decide_stops(rule, results[:2], {'b'}, 'top1', 10) == {}  # 2 < min_trials
-  # The value at a checkpoint is the last evaluation at or before it; an ended trial counts with what it has.
-  assert sweep_results.value_at(_result('e', [(15, 0.7)], 'stopped'), 20) == 0.7
-  assert sweep_results.value_at(_result('f', [(15, 0.7)]), 20) is None  # still running, not there yet
+  # The value at a checkpoint is the last evaluation at or before it, for trials that got that far.
+  assert sweep_results.value_at(_result('e', [(15, 0.7), (25, 0.8)]), 20) == 0.7
+  assert sweep_results.value_at(_result('f', [(15, 0.7)]), 20) is None  # not there yet
+  assert sweep_results.value_at(_result('g', [(15, 0.7)], 'stopped'), 20) is None  # will never be
   with pytest.raises(ValueError, match='needs the steps per epoch'):
     rule.checkpoints(None)
 
@@ -331,3 +334,38 @@ def test_report_tables_and_plots_for_finished_running_and_failed_trials(tmp_path
   assert '| optim.lr=0.1 | 0.1 | finished | 30 | 30 | 0.6000 | 20 | 0.5000 | 125.0 |  |  |' in markdown
   for png in ('report_hparams.png', 'report_curves.png'):
     assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_epochs_need_one_steps_per_epoch_for_all_trials(tmp_path):
+  path = _write_sweep(tmp_path, "  return {'config': 'experiments/digits.py', 'overrides': [\n"
+                                "      {'batch_size': 16}, {'batch_size': 32}], 'early_stopping': {'epochs': [1]}}\n")
+  runs = sweep.expand(path, str(tmp_path / 'root'))
+  assert sweep.steps_per_epoch(runs[1:]) == 1437 // 32  # digits: 1,437 training images
+  with pytest.raises(sweep.SweepError, match=r'different steps per epoch \(\[44, 89\]\)'):
+    sweep.launch(runs, 'local', dry_run=False, stream=io.StringIO(), sweep_path=path, root=str(tmp_path / 'root'),
+                 early_stopping=sweep.load_spec(path).early_stopping)
+  assert not (tmp_path / 'root').exists()  # refused before anything started
+
+
+def test_sigterm_to_the_driver_stops_every_running_trial_cleanly(tmp_path):
+  (tmp_path / 'fake_main.py').write_text(FAKE_TRAINER)
+  python = tmp_path / 'python'
+  python.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "fake_main.py"} "$@"\n')
+  python.chmod(0o755)
+  path = _write_sweep(tmp_path, "  return {'config': 'experiments/digits.py',\n"
+                                "          'overrides': sweep.grid({'optim.lr': [0.1, 0.2, 0.3]})}\n")
+  root = str(tmp_path / 'root')
+  runs = sweep.expand(path, root)
+  timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  timer.start()
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      sweep.launch(runs, 'local', dry_run=False, stream=io.StringIO(), sweep_path=path, root=root,
+                   slots=[sweep.Slot({})] * 2, python=str(python))
+  finally:
+    timer.cancel()
+  state = sweep_results.SweepState(root).read()
+  # The two running trials saved and ended early; the third never started; a rerun resumes all three.
+  assert [state.get(r.name, {}).get('status') for r in runs] == ['unfinished', 'unfinished', None]
+  assert all(json.loads((tmp_path / 'root' / r.name / 'summary.json').read_text())['step'] < 40 for r in runs[:2])
+  assert sweep.launch(runs, 'local', dry_run=True, stream=io.StringIO(), root=root)['started'] == [r.name for r in runs]

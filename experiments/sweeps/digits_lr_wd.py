@@ -1,8 +1,11 @@
-"""The digits default: learning rate x weight decay, two seeds; every trial differs only in optimizer
-hyperparameters and seeds, so `--vmap=4` trains four of them as one compiled step. Trials scoring
-below the median after 5 epochs stop there.
+"""The digits default: learning rate x weight decay, two seeds (12 trials). Trials scoring below the
+median after 5 epochs stop there.
 
-  python -m spikingformer_jax.sweep --sweep=experiments/sweeps/digits_lr_wd.py --root=/tmp/digits_sweep --vmap=4
+Every trial differs only in optimizer hyperparameters and seeds, so `--vmap=4` can train four of
+them as one compiled step: on an accelerator, or for short trials on the CPU (where a vmapped step's
+convolutions run slower than separate ones; BENCHMARKS.md, "Sweeps"). On 2 CPU cores, `--parallel=2`.
+
+  python -m spikingformer_jax.sweep --sweep=experiments/sweeps/digits_lr_wd.py --root=/tmp/digits_sweep --parallel=2
   python -m spikingformer_jax.sweep --sweep=experiments/sweeps/digits_lr_wd.py --root=/tmp/digits_sweep --report
 """
 from spikingformer_jax import sweep

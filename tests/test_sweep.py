@@ -235,12 +235,18 @@ last = {'top1': score * step / 10}
 '''
 
 
-def test_driver_stops_trials_below_the_median_records_why_and_skips_them_on_rerun(tmp_path):
-  """Four trials at once (a stand-in trainer that logs an eval per second and saves on SIGTERM)."""
+@pytest.fixture
+def fake_python(tmp_path):
+  """An interpreter stand-in that runs FAKE_TRAINER whatever module it is asked for."""
   (tmp_path / 'fake_main.py').write_text(FAKE_TRAINER)
   python = tmp_path / 'python'
   python.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "fake_main.py"} "$@"\n')
   python.chmod(0o755)
+  return str(python)
+
+
+def test_driver_stops_trials_below_the_median_records_why_and_skips_them_on_rerun(tmp_path, fake_python):
+  """Four trials at once (a stand-in trainer that logs an eval per second and saves on SIGTERM)."""
   path = _write_sweep(tmp_path, "  return {'config': 'experiments/digits.py',\n"
                                 "          'overrides': sweep.grid({'optim.lr': [0.1, 0.2, 0.3, 0.4]}),\n"
                                 "          'early_stopping': {'steps': [10], 'min_trials': 4}}\n")
@@ -249,7 +255,7 @@ def test_driver_stops_trials_below_the_median_records_why_and_skips_them_on_reru
   out = io.StringIO()
   result = sweep.launch(runs, 'local', dry_run=False, stream=out, sweep_path=path, root=root,
                         slots=[sweep.Slot({})] * 4, early_stopping=spec.early_stopping, poll_seconds=0.1,
-                        python=str(python))
+                        python=fake_python)
   assert sorted(result['stopped']) == ['optim.lr=0.1', 'optim.lr=0.2'] and not result['failed'], out.getvalue()
   state = sweep_results.SweepState(root).read()
   assert [state[r.name]['status'] for r in runs] == ['stopped', 'stopped', 'finished', 'finished']
@@ -347,11 +353,7 @@ def test_epochs_need_one_steps_per_epoch_for_all_trials(tmp_path):
   assert not (tmp_path / 'root').exists()  # refused before anything started
 
 
-def test_sigterm_to_the_driver_stops_every_running_trial_cleanly(tmp_path):
-  (tmp_path / 'fake_main.py').write_text(FAKE_TRAINER)
-  python = tmp_path / 'python'
-  python.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "fake_main.py"} "$@"\n')
-  python.chmod(0o755)
+def test_sigterm_to_the_driver_stops_every_running_trial_cleanly(tmp_path, fake_python):
   path = _write_sweep(tmp_path, "  return {'config': 'experiments/digits.py',\n"
                                 "          'overrides': sweep.grid({'optim.lr': [0.1, 0.2, 0.3]})}\n")
   root = str(tmp_path / 'root')
@@ -361,7 +363,7 @@ def test_sigterm_to_the_driver_stops_every_running_trial_cleanly(tmp_path):
   try:
     with pytest.raises(KeyboardInterrupt):
       sweep.launch(runs, 'local', dry_run=False, stream=io.StringIO(), sweep_path=path, root=root,
-                   slots=[sweep.Slot({})] * 2, python=str(python))
+                   slots=[sweep.Slot({})] * 2, python=fake_python)
   finally:
     timer.cancel()
   state = sweep_results.SweepState(root).read()

@@ -148,16 +148,17 @@ def take(tree, index):
   return jax.tree_util.tree_map(lambda x: x[index], tree)
 
 
-def init_states(ctx, mesh, example, trial_configs, managers, batches, names):
-  """(stacked state, one trial's shardings, the stack's shardings): every trial resumed from its latest
-  checkpoint (and its data iterator with it), or created as its separate run creates it.
+def init_states(ctx, mesh, example, abstract, trial_configs, managers, batches, names):
+  """(stacked state, its shardings): every trial resumed from its latest checkpoint (and its data
+  iterator with it), or created as its separate run creates it; `abstract` is one trial's state
+  with its shardings (train.abstract_state).
 
   Fresh states come from the plain init, compiled once and run once per seed: vmapped, the random
   initialisers took twice as long to compile as the K runs of the plain one take in all.
   """
   init = functools.partial(train.init_state, ctx, example)
   rngs = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in trial_configs])
-  shardings = sharding.state_shardings(jax.eval_shape(init, rngs[0]), mesh)
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
   stack_shardings = sharding.state_shardings(jax.eval_shape(jax.vmap(init), rngs), mesh)
   stack_fn = jax.jit(stack, out_shardings=stack_shardings)
   latest = [m.latest_step() for m in managers]
@@ -169,19 +170,17 @@ def init_states(ctx, mesh, example, trial_configs, managers, batches, names):
       tiled = jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (len(rngs),) + x.shape),
                                      checkpoint.load_variables(init_from))
       state = train.load_pretrained(ctx, state, stack_shardings, tiled, jax.vmap(ctx.tx.init))
-    return state, shardings, stack_shardings
+    return state, stack_shardings
   if len(set(latest)) > 1:
     raise TrialsError('the trials resume from different steps (' + ', '.join(f'{n}: {s}' for n, s in
                       zip(names, latest)) + '); a group trains in lockstep: run them as separate trials.')
-  abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    jax.eval_shape(init, rngs[0]), shardings)
   restored = []
   for i, manager in enumerate(managers):
     one, iter_state, _ = checkpoint.restore(manager, latest[i], abstract)
     batches.set_state(i, iter_state)
     restored.append(one)
     logging.info('trial %s: resumed from step %d in %s', names[i], latest[i], manager.directory)
-  return stack_fn(restored), shardings, stack_shardings
+  return stack_fn(restored), stack_shardings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,12 +256,12 @@ def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_step
   info = dm.dataset_info(config.data)
   steps_per_epoch, total_steps = train.plan(config, info)
   ctx, example = train.make_context(config, info)
-  abstract_params = jax.eval_shape(lambda: ctx.model.init(jax.random.PRNGKey(0), *example, train=False)['params'])
-  trial_ctx = dataclasses.replace(ctx, tx=make_optimizer(config, abstract_params))
 
   managers = [checkpoint.make_manager(w, c.checkpoint, c.metric) for w, c in zip(workdirs, trial_configs)]
   batches = _Batches(dm, trial_configs, pidx, pcount)
-  state, shardings, stack_shardings = init_states(ctx, mesh, example, trial_configs, managers, batches, names)
+  abstract, shardings = train.abstract_state(ctx, mesh, example)
+  state, stack_shardings = init_states(ctx, mesh, example, abstract, trial_configs, managers, batches, names)
+  trial_ctx = dataclasses.replace(ctx, tx=make_optimizer(config, abstract['params']))
   start_step = int(jax.device_get(state['step'][0]))
   take_fn = jax.jit(take, out_shardings=shardings)
 

@@ -3,7 +3,9 @@
 Both contenders are the sweep driver as users run it, on one sweep file (the digits default at K
 learning-rate x seed combinations, `--steps` steps each): `python -m spikingformer_jax.sweep` plain
 (K `spikingformer_jax.main` processes in turn) and with `--vmap=K` (one `spikingformer_jax.trials`
-process). Each runs in a fresh worker process that reports the wall time of the whole sweep, the
+process), each with a fresh persistent compilation cache (the command line keeps one, compile_cache.py:
+the separate runs of the two seeds of a learning rate share their compiled step, as a user's first
+sweep would). Each runs in a fresh worker process that reports the wall time of the whole sweep, the
 peak RSS of its largest process (getrusage of the finished children), the trials' steady training
 throughput (the median images/s of their metrics.jsonl after the first, compiling, interval) and
 their final top-1. A second table times one 3x3 convolution (forward and both gradients) of K trials'
@@ -95,15 +97,17 @@ def main():
   cpu_runtime.apply_cpu_flags()
   lines = ['# K digits trials: one vmapped step vs one run after another', '', *common.machine_lines(),
            f'- command: `{common.command_line("benchmarks.sweep_vmap")}`', '']
-  env = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '', 'JAX_COMPILATION_CACHE_DIR': ''}
   measured = {'sequential': [], 'vmapped': []}
   with tempfile.TemporaryDirectory() as tmp:
     sweep_path = write_sweep(tmp, args.trials, args.steps)
     for r in range(args.rounds):
       for mode in ('sequential', 'vmapped'):
         root = os.path.join(tmp, f'{mode}-{r}')
+        cache = {'SPIKINGFORMER_COMPILE_CACHE': os.path.join(tmp, f'cache-{mode}-{r}')}
         result = common.run_worker('benchmarks.sweep_vmap', ['--worker', mode, '--sweep', sweep_path, '--root', root,
-                                                             '--trials', str(args.trials)], timeout=7200, env=env)
+                                                             '--trials', str(args.trials)], timeout=7200,
+                                   env=dict(env, **cache))
         assert set(result['status']) == {'finished'}, result['status']
         measured[mode].append(result)
         print(mode, r, {k: v for k, v in result.items() if k != 'top1'}, flush=True)
@@ -126,7 +130,7 @@ def main():
   top1 = [(n, measured['sequential'][0]['top1'][n], measured['vmapped'][0]['top1'][n])
           for n in measured['sequential'][0]['top1']]
   lines += [f'{args.trials} trials of the digits default (spikingformer-tiny, T=4, batch 32), {args.steps} steps '
-            f'each, {args.rounds} round(s) of each contender, alternating.', '']
+            f'each, {args.rounds} round(s) of each contender, alternating, each with a fresh compilation cache.', '']
   lines += common.markdown_table(header, table)
   lines += ['', f'A 3x3 convolution, forward and both gradients, of {args.trials} trials\' own kernels on '
             '[128, 8, 8, 32] inputs (the digits stem\'s size), median of 10 calls:', '']

@@ -244,14 +244,17 @@ class Job:
 
 
 def plan_jobs(runs: Sequence[Run], vmap: int) -> list[Job]:
-  """Runs in order; with vmap > 1, runs whose configs differ only in trials.TRIAL_KEYS in groups of <= vmap."""
+  """Runs in order; with vmap > 1, runs whose configs differ only in trials.TRIAL_KEYS in groups of <= vmap
+  (a run with config.time_budget_minutes alone)."""
   if vmap <= 1:
     return [Job((r,)) for r in runs]
-  buckets = collections.defaultdict(list)
+  buckets, jobs = collections.defaultdict(list), []
   for run in runs:
     flat = {k: v for k, v in trials.flat_config(run.build_config()).items() if k not in trials.TRIAL_KEYS}
+    if flat.get('time_budget_minutes', 0) > 0:  # a wall-time budget is the plain trainer's
+      jobs.append(Job((run,)))
+      continue
     buckets[json.dumps(flat, sort_keys=True, default=str)].append(run)
-  jobs = []
   for bucket in buckets.values():
     jobs += [Job(tuple(bucket[i:i + vmap])) for i in range(0, len(bucket), vmap)]
   order = {r.name: i for i, r in enumerate(runs)}

@@ -42,7 +42,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spikingformer_jax import checkpoint, configs, cpu_runtime, optim, sharding, train
+from spikingformer_jax import checkpoint, compile_cache, configs, cpu_runtime, optim, sharding, train
 from spikingformer_jax.metric_writer import MetricWriter
 
 # Config key -> name of the per-trial input. Every other config field must be equal across a group.
@@ -236,6 +236,9 @@ def train_and_evaluate(trial_configs: Sequence, workdirs: Sequence, *, names: Se
     except configs.ConfigError as e:
       raise TrialsError(f'trial {name}: {e}') from None
   check_group(trial_configs, names)
+  if trial_configs[0].get('time_budget_minutes', 0) > 0:
+    raise TrialsError('config.time_budget_minutes is not supported in a vmapped group; run these trials without '
+                      '--vmap.')
   preemption = train._Preemption()  # pylint: disable=protected-access
   try:
     return _train_and_evaluate(list(trial_configs), list(workdirs), names, devices, stop_after_steps,
@@ -376,6 +379,7 @@ def main(argv=None) -> int:
   parser.add_argument('--distributed', action='store_true', help='config.distributed=True (multi-host slices)')
   args = parser.parse_args(argv)
   cpu_runtime.apply_cpu_flags()
+  compile_cache.enable()  # as spikingformer_jax.main: a rerun loads the group's compiled step
   runs = {r.name: r for r in sweep.expand(args.sweep, args.root)}
   names = [n for n in args.trials.split(',') if n]
   unknown = [n for n in names if n not in runs]

@@ -129,13 +129,15 @@ def test_tpu_target_goes_through_the_pod_launcher_and_cli_dry_run_lists_all_runs
 def test_vmap_groups_only_trials_that_differ_in_hyperparameters_and_seeds(tmp_path):
   path = _write_sweep(tmp_path, "  return {'config': 'experiments/digits.py', 'overrides': [\n"
                                 "      {'optim.lr': 1e-3, 'seed': 1}, {'model.T': 2}, {'optim.lr': 2e-3, 'seed': 2},\n"
-                                "      {'label_smoothing': 0.1}, {'mixup.mixup_alpha': 0.2}]}\n")
+                                "      {'label_smoothing': 0.1}, {'mixup.mixup_alpha': 0.2},\n"
+                                "      {'seed': 5, 'time_budget_minutes': 1.0}, {'seed': 6, 'time_budget_minutes': 1.0}]}\n")
   runs = sweep.expand(path, str(tmp_path / 'root'))
   jobs = sweep.plan_jobs(runs, vmap=2)
   assert [[r.name for r in j.runs] for j in jobs] == [
       ['optim.lr=0.001_seed=1', 'optim.lr=0.002_seed=2'], ['model.T=2'],
-      ['label_smoothing=0.1', 'mixup.mixup_alpha=0.2']]
-  assert [j.kind for j in jobs] == ['vmap x2', 'process', 'vmap x2']
+      ['label_smoothing=0.1', 'mixup.mixup_alpha=0.2'], ['seed=5_time_budget_minutes=1.0'],
+      ['seed=6_time_budget_minutes=1.0']]
+  assert [j.kind for j in jobs] == ['vmap x2', 'process', 'vmap x2', 'process', 'process']
   group = sweep.command(jobs[0], 'local', python='python3', sweep_path=path, root=str(tmp_path / 'root'))
   assert group == ['python3', '-m', 'spikingformer_jax.trials', f'--sweep={path}', f'--root={tmp_path / "root"}',
                    '--trials=optim.lr=0.001_seed=1,optim.lr=0.002_seed=2']

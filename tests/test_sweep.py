@@ -130,7 +130,8 @@ def test_vmap_groups_only_trials_that_differ_in_hyperparameters_and_seeds(tmp_pa
   path = _write_sweep(tmp_path, "  return {'config': 'experiments/digits.py', 'overrides': [\n"
                                 "      {'optim.lr': 1e-3, 'seed': 1}, {'model.T': 2}, {'optim.lr': 2e-3, 'seed': 2},\n"
                                 "      {'label_smoothing': 0.1}, {'mixup.mixup_alpha': 0.2},\n"
-                                "      {'seed': 5, 'time_budget_minutes': 1.0}, {'seed': 6, 'time_budget_minutes': 1.0}]}\n")
+                                "      {'seed': 5, 'time_budget_minutes': 1.0},\n"
+                                "      {'seed': 6, 'time_budget_minutes': 1.0}]}\n")
   runs = sweep.expand(path, str(tmp_path / 'root'))
   jobs = sweep.plan_jobs(runs, vmap=2)
   assert [[r.name for r in j.runs] for j in jobs] == [

@@ -58,7 +58,7 @@ dry_run=0
 train_args=()
 
 die() { echo "launch/tpu_pod.sh: error: $*" >&2; exit 2; }
-usage() { sed -n '2,43p' "$0"; }
+usage() { sed -n '2,40p' "$0"; }
 
 [[ $# -ge 1 ]] || { usage; die "a command is required (up, create, setup, run, start, logs, stop, status, delete)."; }
 cmd="$1"

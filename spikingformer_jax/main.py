@@ -28,7 +28,6 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and TensorBoard
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and evaluate) or only evaluate.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, to be retried.
 
 
 def _without_closed_loop_reports(hook):
@@ -73,7 +72,7 @@ def main(argv):
     (paths.path(FLAGS.workdir) / name).write_text(json.dumps(summary, indent=2, default=float))
   if summary.get('preempted'):
     print(f'preempted at step {summary["step"]}; rerun the same command to resume', flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(train.EXIT_PREEMPTED)
   if jax.process_index() == 0:
     print(train.format_summary(summary))
     final = summary.get('final', {})

@@ -441,12 +441,12 @@ class Driver:
     code = process.proc.returncode
     for run in process.job.runs:
       summary = sweep_results.read_summary(run.workdir) or {}
-      group_ran = len(process.job.runs) > 1 and code in (0, trials.FAILED_TRIALS)
+      group_ran = len(process.job.runs) > 1 and code in (0, trials.FAILED_TRIALS, train.EXIT_PREEMPTED)
       if group_ran and summary.get('error'):
         status, reason = 'failed', summary['error']
       elif group_ran and summary.get('stopped'):
         status, reason = 'stopped', summary['stopped']
-      elif code != 0 and not group_ran:
+      elif code not in (0, train.EXIT_PREEMPTED) and not group_ran:  # 75: saved and stopped, resumable
         status, reason = 'failed', f'exit code {code}: {process.error_line()}'
       elif summary.get('completed'):
         status, reason = 'finished', ''

@@ -316,6 +316,9 @@ def eval_metrics(config, out, lab, mask) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The host loop.
 
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: saved after a SIGTERM; rerunning the command resumes.
+
+
 class Preemption:
   """Preemption (SIGTERM, what TPU maintenance sends) that every process of a job agrees on.
 

@@ -25,6 +25,7 @@ runs the named trials of a sweep as one group (what `spikingformer_jax.sweep --v
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -42,7 +43,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spikingformer_jax import checkpoint, compile_cache, configs, cpu_runtime, optim, sharding, train
+from spikingformer_jax import checkpoint, compile_cache, configs, cpu_runtime, optim, run_lock, sharding, train
 from spikingformer_jax.metric_writer import MetricWriter
 
 # Config key -> name of the per-trial input. Every other config field must be equal across a group.
@@ -175,11 +176,13 @@ def init_states(ctx, mesh, example, abstract, trial_configs, managers, batches, 
     raise TrialsError('the trials resume from different steps (' + ', '.join(f'{n}: {s}' for n, s in
                       zip(names, latest)) + '); a group trains in lockstep: run them as separate trials.')
   restored = []
-  for i, manager in enumerate(managers):
-    one, iter_state, _ = checkpoint.restore(manager, latest[i], abstract)
-    batches.set_state(i, iter_state)
-    restored.append(one)
-    logging.info('trial %s: resumed from step %d in %s', names[i], latest[i], manager.directory)
+  for i, ckpts in enumerate(managers):
+    found = ckpts.restore_latest(abstract, batches.iterator(i))
+    if found is None or found[2] != latest[i]:
+      raise TrialsError(f'trial {names[i]}: its latest checkpoint (step {latest[i]}) does not restore and was moved '
+                        'aside; a group trains in lockstep: rerun the sweep without --vmap to resume it alone.')
+    restored.append(found[0])
+    logging.info('trial %s: resumed from step %d in %s', names[i], latest[i], ckpts.directory)
   return stack_fn(restored), stack_shardings
 
 
@@ -204,11 +207,9 @@ class _Batches:
       return batches[0]
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *(batches[i] for i in self.which))
 
-  def get_state(self, trial: int):
-    return self.iters[self.which[trial]].get_state()
-
-  def set_state(self, trial: int, state):
-    self.iters[self.which[trial]].set_state(state)
+  def iterator(self, trial: int):
+    """The data iterator of `trial` (shared by the trials of its seed, which read the same batches)."""
+    return self.iters[self.which[trial]]
 
 
 def write_summary(workdir, summary: dict):
@@ -239,7 +240,7 @@ def train_and_evaluate(trial_configs: Sequence, workdirs: Sequence, *, names: Se
   if trial_configs[0].get('time_budget_minutes', 0) > 0:
     raise TrialsError('config.time_budget_minutes is not supported in a vmapped group; run these trials without '
                       '--vmap.')
-  preemption = train._Preemption()  # pylint: disable=protected-access
+  preemption = train.Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
   try:
     return _train_and_evaluate(list(trial_configs), list(workdirs), names, devices, stop_after_steps,
                                should_stop or (lambda step, steps_per_epoch: {}), preemption)
@@ -248,19 +249,31 @@ def train_and_evaluate(trial_configs: Sequence, workdirs: Sequence, *, names: Se
 
 
 def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_steps, should_stop, preemption):
-  config, K = trial_configs[0], len(trial_configs)
+  config = trial_configs[0]
   sharding.maybe_initialize_distributed(config.distributed)
+  preemption.joined_job()
   mesh = sharding.make_mesh(config.mesh, devices)
   if (config.batch_size // config.grad_accum_steps) % mesh.devices.size or config.eval_batch_size % mesh.devices.size:
     raise configs.ConfigError(f'config.batch_size (per microbatch) and config.eval_batch_size must be divisible by '
                               f'the {mesh.devices.size} devices of the mesh.')
-  pidx, pcount = jax.process_index(), jax.process_count()
   dm = train.data_module(config)
   info = dm.dataset_info(config.data)
-  steps_per_epoch, total_steps = train.plan(config, info)
   ctx, example = train.make_context(config, info)
 
-  managers = [checkpoint.make_manager(w, c.checkpoint, c.metric) for w, c in zip(workdirs, trial_configs)]
+  with contextlib.ExitStack() as held:  # One run per workdir, as a separate run would hold it; before any write.
+    locks = [held.enter_context(run_lock.hold(w, c.run_lock_stale_after_s)) for w, c in zip(workdirs, trial_configs)]
+    managers = [checkpoint.Checkpoints(w, c.checkpoint, c.metric) for w, c in zip(workdirs, trial_configs)]
+    for ckpts in managers:
+      held.callback(ckpts.close)
+    return _train_group(trial_configs, workdirs, names, mesh, should_stop, preemption, stop_after_steps, locks,
+                        managers, ctx, example, dm, info)
+
+
+def _train_group(trial_configs, workdirs, names, mesh, should_stop, preemption, stop_after_steps, locks, managers,
+                 ctx, example, dm, info):
+  config, K = trial_configs[0], len(trial_configs)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  steps_per_epoch, total_steps = train.plan(config, info)
   batches = _Batches(dm, trial_configs, pidx, pcount)
   abstract, shardings = train.abstract_state(ctx, mesh, example)
   state, stack_shardings = init_states(ctx, mesh, example, abstract, trial_configs, managers, batches, names)
@@ -283,23 +296,26 @@ def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_step
     return dm.make_loader(config.data, config.data.eval_split, batch_size=config.eval_batch_size, train=False,
                           seed=config.seed, process_index=pidx, process_count=pcount)
 
-  writers = [MetricWriter(w) for w in workdirs]
+  writers = [MetricWriter(w, start_step) for w in workdirs]  # Drops metrics an interrupted run logged past it.
   active = set(range(K))
   errors, stopped, left_at = {}, {}, {}  # by trial index: why and at which step it left the group
   best, last_eval = [{} for _ in range(K)], [{} for _ in range(K)]
-  step = start_step
+  step, stop = start_step, False
   end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
   images_seen, t0 = 0, time.perf_counter()
 
   def save(i, metrics_for_ckpt):
     meta = {'model_name': config.model.name, 'config': trial_configs[i].to_json_best_effort(), 'eval': last_eval[i]}
-    checkpoint.save(managers[i], step, take_fn(state, i), batches.get_state(i), meta, metrics_for_ckpt, force=True)
+    writers[i].flush()  # What the checkpoint covers is stored before it.
+    managers[i].save(step, take_fn(state, i), batches.iterator(i), meta, metrics_for_ckpt)
 
   try:
     while step < end_step and active:
       batch = jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(batch_spec, x), next(batches))
       state, step_metrics = train_fn(state, batch, keys, hp)
       step += 1
+      for ckpts in managers:
+        ckpts.check()  # A failed background save stops the group here, not many steps later.
       if step == start_step + 1:
         cpu_runtime.release_freed_memory()
       images_seen += config.batch_size
@@ -335,8 +351,12 @@ def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_step
             stopped[name] = reason
             logging.warning('trial %s: stopped at step %d (%s)', name, step, reason)
         t0 = time.perf_counter()
-      stop = preemption.requested or any(m.reached_preemption(step) for m in managers)
+      stop = preemption.reached(step)
       checkpoint_now = step % config.checkpoint.every_steps == 0 or eval_now or stop or step == end_step
+      if checkpoint_now:
+        for lock in locks:
+          if lock is not None:
+            lock.refresh()
       for i in sorted(active):
         if checkpoint_now or names[i] in stopped:
           save(i, eval_metrics.get(i))
@@ -344,18 +364,18 @@ def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_step
           active.discard(i)
           left_at[i] = step
       if stop:
-        logging.warning('Stopped at step %d on preemption; rerun the same command to resume.', step)
+        logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
         break
+    for ckpts in managers:
+      ckpts.wait()  # Every trial's last save is complete (or its failure reported) before the summaries.
   finally:
-    for manager in managers:
-      manager.wait_until_finished()
-      manager.close()
     for writer in writers:
       writer.close()
   summaries = []
   for i, name in enumerate(names):
     summary = {'step': left_at.get(i, step), 'total_steps': total_steps, 'final': last_eval[i], 'best': best[i],
-               'completed': i in active and step >= total_steps}
+               'completed': i in active and step >= total_steps,
+               'preempted': stop and i in active and step < total_steps}
     summary.update({key: reason[name] for key, reason in (('error', errors), ('stopped', stopped)) if name in reason})
     summaries.append(summary)
   return summaries
@@ -367,7 +387,9 @@ def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_step
 def main(argv=None) -> int:
   """Trains the named trials of a sweep as one group and writes each one's summary.json.
 
-  Exit status 0, or FAILED_TRIALS when a trial failed (its summary says why; the others went on).
+  Exit status 0; FAILED_TRIALS when a trial failed (its summary says why; the others went on);
+  train.EXIT_PREEMPTED when a SIGTERM stopped the group after saving (rerunning resumes it); 1 on an
+  error before training (one line).
   """
   import argparse  # noqa: PLC0415
 
@@ -398,15 +420,26 @@ def main(argv=None) -> int:
     results = sweep_results.collect([(r.name, r.overrides, r.workdir) for r in runs.values()], metric, args.root)
     return sweep_results.decide_stops(rule, results, names, metric, steps_per_epoch)
 
-  summaries = train_and_evaluate(group_configs, [r.workdir for r in group], names=names, should_stop=should_stop)
+  try:
+    summaries = train_and_evaluate(group_configs, [r.workdir for r in group], names=names, should_stop=should_stop)
+  except (TrialsError, configs.ConfigError, checkpoint.CheckpointError, run_lock.RunLockError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  if jax.process_index() != 0:
+    return train.EXIT_PREEMPTED if any(s.get('preempted') for s in summaries) else 0
   for run, summary in zip(group, summaries):
     write_summary(run.workdir, summary)
+    if summary.get('preempted'):
+      print(f'{run.name} preempted at step {summary["step"]}; rerun the sweep to resume', flush=True)
+      continue
     for line in train.format_summary(summary).splitlines():
       print(f'{run.name} {line}')
     for key in ('error', 'stopped'):
       if key in summary:
         print(f'{run.name} {key}: {summary[key]}', flush=True)
-  return FAILED_TRIALS if any('error' in s for s in summaries) else 0
+  if any('error' in s for s in summaries):
+    return FAILED_TRIALS
+  return train.EXIT_PREEMPTED if any(s.get('preempted') for s in summaries) else 0
 
 
 if __name__ == '__main__':

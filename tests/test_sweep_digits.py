@@ -7,6 +7,8 @@ runs wrote. The processes share a JAX compilation cache, so each distinct progra
 import csv
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from spikingformer_jax import checkpoint, sweep, sweep_results
+from spikingformer_jax import checkpoint, sweep, sweep_results, trials
 
 TINY = '''
 import sys
@@ -158,6 +160,34 @@ def test_a_vmapped_trials_checkpoint_resumes_like_any_run(sweeps):
     subprocess.run([sys.executable] + run.main_args(), cwd=sweep.REPO, check=True, capture_output=True)
   assert sweep_results.read_summary(run.workdir)['completed']
   _assert_same_run(roots['sequential'], roots['vmapped'], stopped, atol=2e-5)
+
+
+def test_a_preempted_vmapped_group_saves_every_trial_and_resumes_to_the_uninterrupted_runs(sweeps):
+  """SIGTERM during a group's first evaluation: every trial saves that step and says it was preempted;
+  the rerun resumes all of them and ends where their separate, uninterrupted runs end (metrics
+  logged once per step: nothing of the interrupted run is replayed twice)."""
+  roots, tmp = sweeps['roots'], sweeps['tmp']
+  root = str(tmp / 'preempted')
+  runs = {r.name: r for r in sweep.expand(sweeps['files']['plain'], root)}
+  group = [runs[n] for n in NAMES[:2]]
+
+  def sigterm_at_the_first_evaluation(step, steps_per_epoch):
+    if step == steps_per_epoch:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  def train_group(**kwargs):
+    return trials.train_and_evaluate([r.build_config() for r in group], [r.workdir for r in group],
+                                     names=NAMES[:2], devices=jax.devices()[:1], **kwargs)
+
+  first = train_group(should_stop=sigterm_at_the_first_evaluation)
+  assert [(s['step'], s['preempted'], s['completed']) for s in first] == [(6, True, False)] * 2
+  for run in group:
+    assert max(int(p.name) for p in checkpoint.checkpoint_dir(run.workdir).iterdir() if p.name.isdigit()) == 6
+  second = train_group()
+  assert [(s['step'], s['preempted'], s['completed']) for s in second] == [(12, False, True)] * 2
+  for name in NAMES[:2]:
+    _assert_same_run(roots['sequential'], root, name, atol=2e-5)
 
 
 def test_report_matches_the_summaries_and_reruns_skip_finished_and_stopped_trials(sweeps):

@@ -114,12 +114,16 @@ def _cell(report: dict | None, row: Row) -> list[str]:
   return ['yes', f'{report["hbm"]["total_bytes"] / GIB:.1f} / {report["hbm_capacity_bytes"] / GIB:.0f}',
           f'{step["estimated_seconds"]:.3f}' + ('' if step['estimate'] == 'xla' else ' (r)'),
           f'{step["examples_per_second"]:.0f}', f'{100 * step["mfu"]:.0f}%',
-          f'{row.bench.days(step["examples_per_second"] * chips):.2f}']
+          _duration(row.bench.days(step["examples_per_second"] * chips))]
+
+
+def _duration(days: float) -> str:
+  return f'{days:.1f} d' if days >= 1 else f'{24 * days:.1f} h'
 
 
 def table() -> str:
   header = ('| benchmark | slice | mesh | global batch (per chip) | fits? | HBM GiB / chip | est. s/step '
-            '| examples/s/chip | MFU | days |')
+            '| examples/s/chip | MFU | paper schedule |')
   lines = [header, '|' + '---|' * 10]
   commands = []
   for row in rows():

@@ -175,8 +175,9 @@ def shape_bytes(hlo_shape: str) -> int:
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {'count', 'bytes'}} of the collectives in optimised HLO (bytes: each one's result, per chip).
 
-  An async pair (`*-start` / `*-done`) counts once, at its start; its result tuple holds the operand
-  as well, so an async collective's bytes are its result's only (the last element of the tuple).
+  An async pair (`*-start` / `*-done`) counts once, at its start. Its result tuple holds the operand
+  as well (and for a collective-permute two u32 context scalars after it), so its bytes are those of
+  the tuple's largest array: an all-gather's result, a permute's output (the size of its operand).
   """
   out: dict[str, dict[str, int]] = {}
   for line in hlo_text.splitlines():
@@ -186,7 +187,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     shape, kind, is_async = match.groups()
     if is_async and shape.startswith('('):
       arrays = _ARRAY.findall(shape)
-      nbytes = shape_bytes(f'{arrays[-1][0]}[{arrays[-1][1]}]') if arrays else 0
+      nbytes = max((shape_bytes(f'{dtype}[{dims}]') for dtype, dims in arrays), default=0)
     else:
       nbytes = shape_bytes(shape)
     entry = out.setdefault(kind, {'count': 0, 'bytes': 0})

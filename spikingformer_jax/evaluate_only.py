@@ -26,8 +26,8 @@ def run(config, workdir) -> dict:
   if notes:
     raise checkpoint.CheckpointError(f'{source} does not contain the whole model: ' + '; '.join(notes))
   state = dict(state, **jax.device_put(merged, {k: shardings[k] for k in merged}))
-  eval_fn = jax.jit(train.make_eval_step(ctx), in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=sharding.batch_sharding(mesh))
+  eval_fn = jax.jit(sharding.traced_in(mesh, train.make_eval_step(ctx)),
+                    in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=sharding.batch_sharding(mesh))
   loader = dm.make_loader(config.data, config.data.eval_split, batch_size=config.eval_batch_size, train=False,
                           seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   result = train.evaluate(eval_fn, state, loader, mesh, config, info)

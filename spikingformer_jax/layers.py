@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from spikingformer_jax import batchnorm, kernels, neurons
+from spikingformer_jax import batchnorm, kernels, neurons, sharding
 
 Dtype = Any
 SPIKES = 'spikes'
@@ -104,7 +104,7 @@ class ChannelDense(nn.Module):
     y = nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in),
                  dot_general=kernels.dot_general if self.spike_kernels else None, name='dense')(spike_operand(x))
-    return product_out(y)
+    return product_out(sharding.keep_batch_split(y, 1))  # [T, B, N, D]
 
 
 class LIF(nn.Module):
@@ -138,8 +138,8 @@ def _time_fold(fn, x):
   time-major would interleave the devices' examples and make the partitioner gather the batch.
   """
   t, b = x.shape[:2]
-  y = fn(jnp.swapaxes(x, 0, 1).reshape((b * t,) + x.shape[2:]))
-  return jnp.swapaxes(y.reshape((b, t) + y.shape[1:]), 0, 1)
+  y = fn(sharding.keep_batch_split(jnp.swapaxes(x, 0, 1).reshape((b * t,) + x.shape[2:]), 0))
+  return jnp.swapaxes(sharding.keep_batch_split(y, 0).reshape((b, t) + y.shape[1:]), 0, 1)
 
 
 def max_pool(x):
@@ -166,7 +166,7 @@ class ConvBN(nn.Module):
                    conv_general_dilated=kernels.conv_general_dilated if self.spike_kernels else None,
                    name='conv')
     x = spike_operand(x) if self.spike_input else x
-    x = product_out(conv(x) if x.ndim == 4 else _time_fold(conv, x))
+    x = product_out(sharding.keep_batch_split(conv(x), 0) if x.ndim == 4 else _time_fold(conv, x))
     return batch_norm(train, self.dtype, 'bn')(x, repeats=repeats)
 
 

@@ -240,7 +240,8 @@ def abstract_state(ctx: StepContext, mesh, example: tuple) -> tuple[State, Any]:
 def jit_train_step(ctx: StepContext, state_shardings, mesh):
   """`make_train_step` compiled for `mesh`: state sharded as given (and donated), batch split over devices."""
   repl = sharding.replicated(mesh)
-  return jax.jit(make_train_step(ctx), in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl),
+  return jax.jit(sharding.traced_in(mesh, make_train_step(ctx)),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
 
@@ -476,7 +477,8 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
       start_step = int(jax.device_get(state['step']))
       bsh = sharding.batch_sharding(mesh)
       train_fn = jit_train_step(ctx, state_shardings, mesh)
-      eval_fn = jax.jit(make_eval_step(ctx), in_shardings=(state_shardings, bsh), out_shardings=bsh)
+      eval_fn = jax.jit(sharding.traced_in(mesh, make_eval_step(ctx)), in_shardings=(state_shardings, bsh),
+                        out_shardings=bsh)
       meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
       writer = MetricWriter(workdir, start_step)  # Drops metrics logged after start_step by an interrupted run.
       bar = _progress(total_steps, start_step, config.progress_bar)

@@ -55,9 +55,12 @@ def test_collectives_are_read_from_hlo():
       '  %ar = (f32[64]{0}, bf16[8,128]{1,0}) all-reduce(%a, %b), channel_id=2, to_apply=%add',
       '  %ags = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%x), channel_id=3, dimensions={0}',
       '  %agd = bf16[16,8]{1,0} all-gather-done(%ags)',
+      '  %cps = (f32[24,384]{1,0}, f32[24,384]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%w), '
+      'channel_id=4, source_target_pairs={{0,1},{1,0}}',
       '  %add.1 = f32[64]{0} add(%all-gather.1, %y)'])
   assert aot.collectives(hlo) == {'all-gather': {'count': 2, 'bytes': 32 * 64 * 4 + 16 * 8 * 2},
-                                  'all-reduce': {'count': 1, 'bytes': 64 * 4 + 8 * 128 * 2}}
+                                  'all-reduce': {'count': 1, 'bytes': 64 * 4 + 8 * 128 * 2},
+                                  'collective-permute': {'count': 1, 'bytes': 24 * 384 * 4}}
 
 
 def test_batch_shapes_match_the_loaders():
@@ -79,9 +82,10 @@ def test_nominal_info_needs_no_data():
 
 
 @needs_libtpu
-def test_data_parallel_and_fsdp_compile_fit_and_shard_the_state():
+def test_data_parallel_and_fsdp_compile_fit_and_shard_the_state(tmp_path):
   dp = aot.compile_report(small_config(data=-1, fsdp=1), 'v5e:2x2')
-  fsdp = aot.compile_report(small_config(data=1, fsdp=4), 'v5e:2x2')
+  fsdp_hlo = tmp_path / 'fsdp.hlo'
+  fsdp = aot.compile_report(small_config(data=1, fsdp=4), 'v5e:2x2', hlo_out=str(fsdp_hlo))
   for report in (dp, fsdp):
     assert report['fits'] and report['hbm']['total_bytes'] < report['hbm_capacity_bytes']
     assert report['per_chip_step']['xla_flops'] > 0 and report['per_chip_step']['bytes_accessed'] > 0
@@ -95,8 +99,14 @@ def test_data_parallel_and_fsdp_compile_fit_and_shard_the_state():
   assert fsdp['hbm']['argument_bytes'] < 0.35 * dp['hbm']['argument_bytes']
   # Pure data parallelism moves no activations: only the gradient and BatchNorm-statistic all-reduces.
   assert set(dp['collectives']) == {'all-reduce'}
-  # FSDP gathers the parameters and reduces the gradients.
+  # FSDP gathers the parameters (all-gathers, or rings of collective-permutes) and keeps the batch
+  # split: no gather is larger than a parameter, and no activations are exchanged all-to-all (without
+  # sharding.keep_batch_split the step all-to-all'ed 3.7 MB, 0.7x the state's bytes).
   assert fsdp['collectives']['all-gather']['count'] > 0
+  gathers = [aot.collectives(line)['all-gather']['bytes'] for line in fsdp_hlo.read_text().splitlines()
+             if 'all-gather' in line and aot.collectives(line)]
+  assert max(gathers) <= max(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state['params']))
+  assert fsdp['collectives'].get('all-to-all', {}).get('bytes', 0) < 0.01 * state_bytes
 
 
 @needs_libtpu

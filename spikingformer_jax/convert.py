@@ -50,6 +50,26 @@ def _import_torch():
 # ---------------------------------------------------------------------------------------------------
 # Reading PyTorch files.
 
+# torch.save's two formats: a zip archive holding `<name>/data.pkl`, or (legacy) pickles that start with
+# torch's magic number 0x1950a86a20f9469cfc6c pickled as a protocol-2 LONG1.
+_ZIP_MAGIC = b'PK\x03\x04'
+_LEGACY_MAGIC = b'\x80\x02\x8a\x0a' + (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
+
+
+def _is_torch_file(path: epath.Path) -> bool:
+  """Whether `path` starts like a torch.save file (a zip that cannot be listed counts: torch says why)."""
+  with path.open('rb') as f:
+    head = f.read(len(_LEGACY_MAGIC))
+  if head.startswith(_LEGACY_MAGIC):
+    return True
+  if not head.startswith(_ZIP_MAGIC):
+    return False
+  try:
+    with path.open('rb') as f, zipfile.ZipFile(f) as archive:
+      return any(name.endswith('/data.pkl') or name == 'data.pkl' for name in archive.namelist())
+  except zipfile.BadZipFile:  # truncated: torch.load reports it
+    return True
+
 
 def read_torch_file(path):
   """`torch.load` restricted to tensors and plain containers (plus the argparse.Namespace timm stores)."""
@@ -57,6 +77,9 @@ def read_torch_file(path):
   path = epath.Path(path)
   if not path.exists():
     raise ConversionError(f'PyTorch checkpoint {path} does not exist.')
+  if path.is_dir() or not _is_torch_file(path):
+    raise ConversionError(f'{path} is not a PyTorch checkpoint: expected a file written by torch.save (a .pth or '
+                          '.pth.tar, e.g. the reference\'s checkpoint-<epoch>.pth.tar).')
   try:
     # timm's CheckpointSaver stores the training arguments as an argparse.Namespace, a plain attribute bag.
     with torch.serialization.safe_globals([argparse.Namespace]):

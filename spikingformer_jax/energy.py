@@ -299,17 +299,32 @@ class Report:
         lif_firing_rates=dict(self.lif_rates))
 
   def table(self) -> str:
-    lines = [f'{"layer":<44} {"kind":<5} {"FLOPs":>10} {"rate":>7} {"SOPs":>10} {"MACs":>10} {"energy mJ":>10}']
+    lines = [f'{"layer":<44} {"kind":<5} {"FLOPs":>10} {"rate":>7} {"SOPs":>10} {"MACs":>10} {"energy":>10}']
     for l in self.layers:
       rate = 'MAC' if l.spike_rate is None else f'{l.spike_rate:.4f}'
       kind = 'conv' if l.primitive == 'conv_general_dilated' else 'dot'
       lines.append(f'{l.location:<44} {kind:<5} {l.flops:>10.4g} {rate:>7} {l.sops:>10.4g} {l.macs:>10.4g} '
-                   f'{l.energy_pj * 1e-9:>10.4g}')
+                   f'{format_energy(l.energy_pj * 1e-9):>10}')
     lines.append(f'total per example (average of {self.num_examples}): {self.sops / 1e9:.4g} G SOPs, '
-                 f'{self.macs / 1e9:.4g} G MACs, {self.energy_mj:.4g} mJ')
+                 f'{self.macs / 1e9:.4g} G MACs, {format_energy(self.energy_mj)}')
     lines.append('LIF firing rates:')
     lines += [f'  {name:<42} {rate:.4f}' for name, rate in self.lif_rates.items()]
     return '\n'.join(lines)
+
+
+ENERGY_UNITS = (('pJ', 1e-9), ('nJ', 1e-6), ('µJ', 1e-3), ('mJ', 1.0))  # (unit, its size in mJ)
+
+
+def energy_unit(mj: float) -> tuple[str, float]:
+  """The largest of pJ/nJ/µJ/mJ that `mj` millijoules fill at least once (pJ below 1 pJ, mJ above), and its size."""
+  fitting = [(unit, size) for unit, size in ENERGY_UNITS if abs(mj) >= size]
+  return fitting[-1] if fitting else ENERGY_UNITS[0]
+
+
+def format_energy(mj: float) -> str:
+  """`mj` millijoules with 4 significant digits in its own unit: 13.66 mJ, 2.07 µJ, 310.5 pJ."""
+  unit, size = energy_unit(mj)
+  return f'{mj / size:.4g} {unit}'
 
 
 def report_from_measurement(m: Measurement, e_mac_pj: float = E_MAC_PJ, e_ac_pj: float = E_AC_PJ) -> Report:
@@ -340,13 +355,14 @@ def plot(report: Report, path) -> None:
   ax_rate.set_ylabel('firing rate')
   ax_rate.set_title(f'LIF firing rates ({report.num_examples} examples)')
   x = np.arange(len(blocks))
-  mac = [b['mac_energy_mj'] for b in blocks.values()]
-  ac = [b['ac_energy_mj'] for b in blocks.values()]
+  unit, size = energy_unit(max((b['energy_mj'] for b in blocks.values()), default=0.0))
+  mac = [b['mac_energy_mj'] / size for b in blocks.values()]
+  ac = [b['ac_energy_mj'] / size for b in blocks.values()]
   ax_energy.bar(x, mac, label=f'MAC ({report.e_mac_pj} pJ)', color='tab:red')
   ax_energy.bar(x, ac, bottom=mac, label=f'AC ({report.e_ac_pj} pJ x rate)', color='tab:green')
   ax_energy.set_xticks(x, list(blocks), rotation=45, fontsize=8)
-  ax_energy.set_ylabel('energy per example (mJ)')
-  ax_energy.set_title(f'Energy per block: total {report.energy_mj:.4g} mJ, {report.sops / 1e9:.4g} G SOPs')
+  ax_energy.set_ylabel(f'energy per example ({unit})')
+  ax_energy.set_title(f'Energy per block: total {format_energy(report.energy_mj)}, {report.sops / 1e9:.4g} G SOPs')
   ax_energy.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)

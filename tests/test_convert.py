@@ -2,6 +2,7 @@
 import argparse
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -360,6 +361,30 @@ def test_not_a_state_dict(tmp_path):
                                                     r"'optimizer'\]"):
     convert.torch_to_weights(tmp_path / 'opt.pth', 'spikingformer-8-768', tmp_path / 'w')
   assert_nothing_written(tmp_path, 'opt.pth')
+
+
+@pytest.mark.parametrize('kind', ['text', 'npz', 'plain pickle', 'directory'])
+def test_a_file_that_is_not_a_torch_checkpoint_is_named_as_such(tmp_path, kind):
+  path = tmp_path / 'model.pth'
+  if kind == 'text':
+    path.write_text('not a checkpoint\n')
+  elif kind == 'npz':
+    with path.open('wb') as f:
+      np.savez(f, weight=np.zeros(3))
+  elif kind == 'plain pickle':
+    path.write_bytes(pickle.dumps({'weight': [0.0, 1.0]}))
+  else:
+    path.mkdir()
+  with pytest.raises(convert.ConversionError, match=r'model.pth is not a PyTorch checkpoint: expected a file '
+                                                    r'written by torch.save') as info:
+    convert.torch_to_weights(path, 'spikingformer-8-768', tmp_path / 'w')
+  assert 'weights_only' not in str(info.value) and 'pickles' not in str(info.value)
+
+
+def test_legacy_torch_format_is_read(tmp_path):
+  state = {'weight': torch.arange(3.0)}
+  torch.save(state, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
+  assert convert.read_torch_file(tmp_path / 'legacy.pth')['weight'].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_without_torch_the_cli_says_what_to_install(tmp_path):

@@ -166,6 +166,23 @@ def test_report_json_and_plot(measured, tmp_path):
   assert 'head' in report.table() and 'MAC' in report.table()
 
 
+@pytest.mark.parametrize('mj, text', [(13.659, '13.66 mJ'), (2.0725e-3, '2.073 µJ'), (4.6e-5, '46 nJ'),
+                                      (3.105e-7, '310.5 pJ'), (9e-10, '0.9 pJ'), (4.6e-9, '4.6 pJ'),
+                                      (1234.5, '1234 mJ'), (0.0, '0 pJ')])
+def test_energy_is_printed_in_the_unit_it_fills(mj, text):
+  assert energy.format_energy(mj) == text
+
+
+def test_table_of_a_small_model_uses_small_units(measured):
+  _, _, m, _ = measured
+  report = energy.report_from_measurement(m)
+  assert report.energy_mj < 1.0, 'the tiny model must spend under a mJ for this test to bite'
+  total = report.table().splitlines()[-len(report.lif_rates) - 2]
+  unit, size = energy.energy_unit(report.energy_mj)
+  assert unit in ('nJ', 'pJ', 'µJ') and total.endswith(f'{report.energy_mj / size:.4g} {unit}')
+  assert 'mJ' not in report.table()
+
+
 def test_spikformer_integer_residual_is_counted_as_mac():
   model = models.get_model('spikformer-cifar-4-384', depth=1, embed_dim=32, num_heads=4)
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3)))

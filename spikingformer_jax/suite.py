@@ -5,7 +5,7 @@
   python -m spikingformer_jax.suite --budget=full --out=/runs/suite               # the reference recipes
 
 Benchmarks: ImageNet-1k, CIFAR-10, CIFAR-100, CIFAR10-DVS, DVS128 Gesture and the 8 GLUE tasks
-(dossier §4.1), each trained in-process from its experiments/ config by `train.train_and_evaluate`.
+(the paper's Section 4), each trained in-process from its experiments/ config by `train.train_and_evaluate`.
 
 `full` runs the configs as they are. A benchmark whose data is not prepared is reported with the
 command that prepares it, and the others still run; a finished workdir (summary.json with
@@ -56,7 +56,7 @@ class Benchmark:
   name: str
   title: str
   config: str  # `file.py:arg` of the full run; smoke appends `runlocal`
-  paper: float | None  # the reported number for this config (dossier §4.2); None = not published/verified
+  paper: float | None  # the reference README's number for this config, in percent; None = none published
   paper_source: str
   prepare: str  # how to make the full data available
   smoke_data: str  # what the smoke run trains on
@@ -88,7 +88,7 @@ _CPU_TEXT_OVERRIDES = {'data.pad_multiple': 64}
 def _glue(task: str, title: str, smoke_data: str = _GLUE_DATA, cpu_data: str = _CPU_TEXT,
           **overrides) -> Benchmark:
   return Benchmark(f'glue_{task}', f'GLUE {title}', f'experiments/glue.py:task={task},variant=12-768', None,
-                   'no published Spikingformer GLUE numbers (UNVERIFIED)', _GLUE_PREPARE, smoke_data,
+                   'no published Spikingformer GLUE numbers', _GLUE_PREPARE, smoke_data,
                    smoke_overrides={**_GLUE_SMOKE, **overrides}, cpu=f'experiments/glue.py:task={task},variant=tiny',
                    cpu_data=cpu_data, cpu_overrides={**_CPU_TEXT_OVERRIDES, **overrides})
 
@@ -296,32 +296,34 @@ def run_benchmark(bench: Benchmark, budget: str, out: pathlib.Path, devices=None
   return row
 
 
+_IN_PERCENT = ('Every metric in percent: accuracy, F1, and the correlations (CoLA Matthews, STS-B Pearson) '
+               'x100 as GLUE reports them.')
+
+
 def _fmt(value, spec: str = '.2f') -> str:
   return '—' if value is None else format(value, spec)
 
 
 def _percent(row: dict, key: str):
-  """Accuracies and F1 in percent like the paper; correlations as they are."""
+  """A metric of `row` in percent: accuracies and F1 like the paper, correlations x100 as GLUE reports them."""
   value = row.get(key)
-  if value is None:
-    return None
-  return 100.0 * value if row.get('metric') in ('top1', 'accuracy', 'f1') else value
+  return None if value is None else 100.0 * value
 
 
 def markdown(rows: list[dict], budget: str, minutes: float = 0.0) -> str:
-  """The results table; accuracies are shown in percent like the paper, correlations as they are."""
+  """The results table, every metric in percent."""
   if budget == 'cpu':
     return _cpu_markdown(rows, minutes)
   lines = [f'# Spikingformer-JAX benchmark suite ({budget})', '',
-           '| benchmark | data | status | steps | metric | ours | paper | examples/s | wall (s) |',
+           '| benchmark | data | status | steps | metric | ours (%) | paper (%) | examples/s | wall (s) |',
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     steps = f'{r["steps"]}/{r["total_steps"]}' if 'steps' in r else '—'
     lines.append(f'| {r["title"]} | {r.get("data", "—")} | {r["status"]} | {steps} | {r.get("metric", "—")} | '
                  f'{_fmt(_percent(r, "value"))} | {_fmt(r["paper"])} | {_fmt(r.get("examples_per_sec"), ".1f")} | '
                  f'{_fmt(r.get("wall_s"), ".0f")} |')
-  lines += ['', 'Paper numbers: dossier §4.2 (reference README). GLUE: no published Spikingformer numbers '
-            '(UNVERIFIED), shown as —.']
+  lines += ['', f'{_IN_PERCENT} Paper: the reference README (github.com/zhouchenlin2096/Spikingformer); the '
+            'paper publishes no Spikingformer GLUE numbers, shown as —.']
   if budget == 'smoke':
     lines.append('Smoke runs are a few steps of tiny models: they show every pipeline runs, not accuracy.')
   return '\n'.join(lines + _problems(rows)) + '\n'
@@ -329,8 +331,9 @@ def markdown(rows: list[dict], budget: str, minutes: float = 0.0) -> str:
 
 def _cpu_markdown(rows: list[dict], minutes: float) -> str:
   lines = [f'# Spikingformer-JAX benchmark suite (cpu, {minutes:g} minutes each)', '',
-           '| benchmark | data (train -> held-out eval) | metric | ours | majority | reference, same budget | '
-           'paper (full recipe) | steps | examples seen | examples/s | train wall (s) |',
+           '| benchmark | data (train -> held-out eval) | metric | ours (%) | majority (%) | '
+           'reference, same budget (%) | paper, full recipe (%) | steps | examples seen | examples/s | '
+           'train wall (s) |',
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     if r['status'] in ('ok', 'ok (finished earlier)'):
@@ -341,10 +344,10 @@ def _cpu_markdown(rows: list[dict], minutes: float) -> str:
                  f'{_fmt(_percent(r, "majority"))} | {_fmt(r.get("reference"), ".1f")} | {_fmt(r["paper"])} | '
                  f'{r.get("steps", "—")} | {r.get("examples_seen", "—")} | '
                  f'{_fmt(r.get("examples_per_sec"), ".1f")} | {_fmt(r.get("train_wall_s"), ".0f")} |')
-  lines += ['', 'Accuracy and F1 in percent, correlations (CoLA Matthews, STS-B Pearson) as they are. '
-            'Train wall: start-up, compilation and training, capped by the budget (text recipes that finish their '
-            'epochs sooner stop sooner); the final evaluation comes after it. Majority: always predicting the most '
-            'frequent training label. Paper: the reference README, full datasets and recipes.']
+  lines += ['', f'{_IN_PERCENT} Train wall: start-up, compilation and training, capped by the budget (text '
+            'recipes that finish their epochs sooner stop sooner); the final evaluation comes after it. Majority: '
+            'always predicting the most frequent training label. Paper: the reference README, full datasets and '
+            'recipes.']
   lines += [f'- Reference for {r["title"]}: {r["reference_source"]}.' for r in rows if r.get('reference')]
   return '\n'.join(lines + _problems(rows)) + '\n'
 

@@ -52,6 +52,19 @@ def test_smoke_subset_runs_and_writes_the_tables(tmp_path):
   assert '| CIFAR-100 |' in table and '| 79.21 |' in table
 
 
+@pytest.mark.parametrize('budget', ['smoke', 'cpu'])
+def test_tables_give_every_metric_in_percent_and_speak_to_users(budget):
+  rows = [dict(title='CoLA', data='TSV', status='ok', steps=3, total_steps=3, metric='matthews', value=0.1234,
+               majority=0.0, paper=None),
+          dict(title='CIFAR-10', data='sample', status='ok', steps=3, total_steps=3, metric='top1', value=0.5,
+               majority=0.1, paper=95.61)]
+  table = suite.markdown(rows, budget, minutes=1.0)
+  assert '| matthews | 12.34 |' in table and '| top1 | 50.00 |' in table
+  assert 'ours (%)' in table and 'Every metric in percent' in table and '95.61' in table
+  for word in ('dossier', 'UNVERIFIED', 'the issue'):
+    assert word not in table
+
+
 def test_missing_data_and_failures_are_reported_and_finished_runs_reused(tmp_path, monkeypatch):
   finished = tmp_path / 'imagenet'
   finished.mkdir()

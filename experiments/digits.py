@@ -2,10 +2,12 @@
 
   python -m spikingformer_jax.main --config=experiments/digits.py --workdir=/tmp/spikingformer-digits
 """
+from experiments import common
 from spikingformer_jax import configs
 
 
 def get_config(arg: str = ''):
+  args = common.parse_args(arg)
   c = configs.base_config()
   c.model.name = 'spikingformer-tiny'
   c.model.num_classes = 10
@@ -23,6 +25,6 @@ def get_config(arg: str = ''):
   c.log_every_steps = 20
   c.checkpoint.every_steps = 500
   c.metric = 'top1'
-  if arg == 'runlocal':
+  if args.runlocal:
     c.num_epochs = 2
   return c

@@ -112,10 +112,12 @@ def _check_keys(config, reference, prefix=''):
 
 def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None):
   """Rejects unknown keys and impossible values with a message naming the field."""
+  from spikingformer_jax.text import data as text_data  # noqa: PLC0415 (keeps tokenizers optional)
+  from spikingformer_jax.text import model as text_model  # noqa: PLC0415
+  text_dataset = text_data.is_text_dataset(config.data.name)
   if reference is None:
     reference = base_config()
-    from spikingformer_jax.text import data as text_data  # noqa: PLC0415
-    if text_data.is_text_dataset(config.data.name):
+    if text_dataset:
       reference.data.update(text_data.text_data_defaults())
   _check_keys(config, reference)
 
@@ -127,8 +129,14 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
       raise ConfigError(f'config.{field} = {value!r}: expected {expected}.')
 
   need(config.task in TASKS, 'task', f'one of {TASKS}')
-  need(config.model.name in models.MODELS or config.model.name.startswith('spikingformer-text'),
-       'model.name', 'a registered model name')
+  text_model_named = config.model.name in text_model.TEXT_MODELS
+  need(config.model.name in models.MODELS or text_model_named, 'model.name',
+       f'a registered model: {", ".join(sorted(models.MODELS) + sorted(text_model.TEXT_MODELS))}')
+  if text_model_named != text_dataset:
+    kinds = ('a text', 'a text') if text_model_named else ('a vision', 'an image or event')
+    raise ConfigError(f'config.model.name = {config.model.name!r} is {kinds[0]} model, but config.data.name = '
+                      f'{config.data.name!r} is not {kinds[1]} dataset: spikingformer-text-* models take text '
+                      '(glue/<task>, the sentence sets, mlm_text), the others images or event frames.')
   need(config.model.dtype in DTYPES, 'model.dtype', f'one of {DTYPES}')
   need(config.model.T >= 1, 'model.T', 'a positive number of time steps')
   need(config.model.num_classes >= 1, 'model.num_classes', 'at least 1')

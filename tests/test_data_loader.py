@@ -171,6 +171,17 @@ def test_bad_inputs_name_the_file(tmp_path, indexed_npz):
     data.dataset_info(dvs)
 
 
+def test_train_and_eval_images_of_different_shapes_are_an_error(tmp_path):
+  for split, size in (('train', 8), ('test', 16)):
+    np.savez(tmp_path / f'{split}.npz', images=np.zeros((4, size, size, 1), np.uint8), labels=np.arange(4))
+  with pytest.raises(sources.DataError, match=r"'train' examples are shaped \(8, 8, 1\) but the 'test' ones "
+                                              r"\(16, 16, 1\)"):
+    data.dataset_info(npz_cfg(tmp_path))
+  resized = npz_cfg(tmp_path)
+  resized.augment.image_size = 8
+  assert data.dataset_info(resized).example_shape == (8, 8, 1)
+
+
 def make_gesture_raw(root):
   rng = np.random.default_rng(0)
   trials = {'train': ['user01_led.aedat', 'user02_lab.aedat'], 'test': ['user24_led.aedat']}

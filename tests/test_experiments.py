@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from experiments import cifar10, cifar10_dvs, cifar100, common, dvs128_gesture, imagenet, nmnist
+from experiments import cifar10, cifar10_dvs, cifar100, common, digits, dvs128_gesture, glue, imagenet, nmnist
 from spikingformer_jax import configs, data, models, optim, train
 
 MODULES = {'imagenet': imagenet, 'cifar10': cifar10, 'cifar100': cifar100, 'cifar10_dvs': cifar10_dvs,
@@ -84,6 +84,26 @@ def test_bad_arguments_and_values_are_rejected_with_the_field_named():
   c.optim.min_lr = 1.0
   with pytest.raises(configs.ConfigError, match=r'config.optim.min_lr = 1.0: expected in \[0, optim.lr\]'):
     configs.validate(c)
+
+
+def test_config_mistakes_name_what_is_accepted():
+  with pytest.raises(ValueError, match=r"Unknown config argument 'bogus' in 'bogus'; known: \['runlocal'\]"):
+    digits.get_config('bogus')
+  assert digits.get_config('runlocal').num_epochs == 2
+  c = digits.get_config('')
+  c.model.name = 'spikingformer-tiniest'
+  with pytest.raises(configs.ConfigError, match=r"model.name = 'spikingformer-tiniest': expected a registered model: "
+                                                r".*spikingformer-cifar-4-384.*spikingformer-text-tiny"):
+    configs.validate(c)
+  c.model.name = 'spikingformer-text-tiny'
+  with pytest.raises(configs.ConfigError, match=r"'spikingformer-text-tiny' is a text model, but config.data.name = "
+                                                r"'digits' is not a text dataset"):
+    configs.validate(c)
+  text = glue.get_config('task=rte,variant=tiny')
+  text.model.name = 'spikingformer-tiny'
+  with pytest.raises(configs.ConfigError, match=r"is a vision model, but config.data.name = 'glue/rte' is not an "
+                                                r"image or event dataset"):
+    configs.validate(text)
 
 
 # Dossier §2.7, "without LN" column (our blocks have no unused LayerNorms).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from spikingformer_jax.data import pipeline
-from spikingformer_jax.data.sources import DataError  # noqa: F401  (re-exported)
+from spikingformer_jax.data.sources import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,14 @@ def dataset_info(data_cfg) -> DatasetInfo:
   num_classes = pipeline.get_spec(data_cfg.name).num_classes
   if num_classes is None:  # the generic npz source: config.data.num_classes, else inferred
     num_classes = data_cfg.get('num_classes', None) or int(max(train.labels.max(), evaluation.labels.max())) + 1
-  return DatasetInfo(num_classes=num_classes, example_shape=pipeline.example_shape(data_cfg, train),
+  shapes = {split: pipeline.example_shape(data_cfg, source) for split, source in
+            ((data_cfg.train_split, train), (data_cfg.eval_split, evaluation))}
+  if len(set(shapes.values())) > 1:
+    raise DataError(f'Dataset {data_cfg.name!r}: the {data_cfg.train_split!r} examples are shaped '
+                    f'{shapes[data_cfg.train_split]} but the {data_cfg.eval_split!r} ones '
+                    f'{shapes[data_cfg.eval_split]}; a model takes one shape (set data.augment.image_size to resize '
+                    'both).')
+  return DatasetInfo(num_classes=num_classes, example_shape=shapes[data_cfg.train_split],
                      num_train=len(train), num_eval=len(evaluation))
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from conftest import shared_path
 from spikingformer_jax import configs
+from spikingformer_jax.data.sources import DataError
 from spikingformer_jax.text import data, glue, mlm
 from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
 
@@ -69,8 +70,34 @@ def test_glue_regression_and_missing_split():
   assert abs(stsb.labels.mean() - 2.70) < 0.01
   mrpc = glue.read_glue_tsv('mrpc', root, 'validation')
   assert not mrpc.text_a[0].startswith('\ufeff')
-  with pytest.raises(FileNotFoundError, match='train.tsv'):
+  with pytest.raises(DataError, match='train.tsv'):
     glue.read_glue_tsv('qnli', root, 'train')
+
+
+@pytest.mark.parametrize('content, problem', [('', 'is empty'), ('index\tsentence1\tsentence2\tlabel\n',
+                                                                 'has a header line but no examples')])
+def test_empty_or_header_only_glue_tsv_names_the_file(tmp_path, content, problem):
+  (tmp_path / 'RTE').mkdir()
+  (tmp_path / 'RTE' / 'train.tsv').write_text(content)
+  with pytest.raises(DataError, match=f'RTE/train.tsv {problem}'):
+    glue.read_glue_tsv('rte', str(tmp_path), 'train')
+
+
+@pytest.mark.parametrize('content, problem', [('', r': expected the header line "label<TAB>text", got an empty file'),
+                                              ('label\ttext\n', ' has a header line but no examples')])
+def test_empty_or_header_only_sentence_tsv_names_the_file(tmp_path, content, problem):
+  (tmp_path / 'train.tsv').write_text(content)
+  (tmp_path / 'dev.tsv').write_text('label\ttext\n1\tfine\n')
+  with pytest.raises(DataError, match=f'train.tsv{problem}'):
+    data.dataset_info(_toy_cfg(tmp_path))
+
+
+def test_missing_glue_folder_is_named_in_one_line(tmp_path):
+  with pytest.raises(DataError) as info:
+    data.dataset_info(_toy_cfg(tmp_path, name='glue/rte'))
+  message = str(info.value)
+  assert message.startswith(f'{tmp_path}/RTE does not exist') and 'TFDS has no prepared glue/rte' in message
+  assert '\n' not in message and len(message) < 300  # not TFDS's listing of every dataset
 
 
 def test_malformed_tsv_names_file_and_line(tmp_path):
@@ -212,7 +239,7 @@ def test_bad_config_errors(tmp_path):
   _write_toy_tsv(tmp_path, 10)
   with pytest.raises(ValueError, match='divisible by process_count'):
     data.make_loader(_toy_cfg(tmp_path), 'train', batch_size=5, train=True, seed=0, process_count=2)
-  with pytest.raises(FileNotFoundError, match='data.vocab_file'):
+  with pytest.raises(DataError, match='data.vocab_file'):
     data.dataset_info(_toy_cfg(tmp_path, vocab_file=str(tmp_path / 'nope.txt')))
   with pytest.raises(ValueError, match='Unknown text dataset'):
     data.dataset_info(_toy_cfg(tmp_path, name='imdb'))
@@ -240,7 +267,7 @@ def test_mlm_split_folders(tmp_path):
   (tmp_path / 'train').mkdir()
   (tmp_path / 'train' / 'a.txt').write_text('alpha beta gamma\ndelta epsilon\n')
   cfg = _toy_cfg(tmp_path, name='mlm_text', max_len=6)
-  with pytest.raises(FileNotFoundError, match='validation is absent although'):
+  with pytest.raises(DataError, match='validation is absent although'):
     data.dataset_info(cfg)
   (tmp_path / 'validation').mkdir()
   (tmp_path / 'validation' / 'b.txt').write_text('zeta eta\n')

@@ -30,6 +30,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from spikingformer_jax.data.sources import DataError
 from spikingformer_jax.text import glue, mlm
 from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
 
@@ -135,9 +136,14 @@ def _read_whole_split(data_cfg, split: str) -> glue.Examples:
   if name.startswith('glue/'):
     task = glue.get_glue_task(name)
     source = _cfg(data_cfg, 'source')
-    if source == 'auto':
-      source = 'tsv' if os.path.isdir(os.path.join(data_dir, task.tsv_dir)) else 'tfds'
-    if source == 'tsv':
+    task_dir = os.path.join(data_dir, task.tsv_dir)
+    if source == 'auto' and not os.path.isdir(task_dir):
+      try:
+        return glue.read_glue_tfds(name, data_cfg.data_dir, split)
+      except DataError as e:
+        raise DataError(f'{task_dir} does not exist (GLUE\'s {task.tsv_dir}/*.tsv under data.data_dir) and '
+                        f'{e}') from None
+    if source in ('auto', 'tsv'):
       return glue.read_glue_tsv(name, data_dir, split)
     if source == 'tfds':
       return glue.read_glue_tfds(name, data_cfg.data_dir, split)
@@ -155,15 +161,15 @@ def _corpus_documents(data_cfg, split: str) -> list[str]:
   holdout = None
   if not os.path.isdir(split_dir):
     if os.path.isdir(os.path.join(root, 'train')):  # split folders exist: never hold out from train/ itself
-      raise FileNotFoundError(f'{split_dir} is absent although {root} has a train/ folder.')
+      raise DataError(f'{split_dir} is absent although {root} has a train/ folder.')
     split_dir, holdout = root, _cfg(data_cfg, 'mlm_holdout_every')
     if split != 'train' and holdout <= 0:
-      raise FileNotFoundError(f'{os.path.join(root, split)} is absent and data.mlm_holdout_every <= 0: '
-                              f'no {split!r} documents.')
+      raise DataError(f'{os.path.join(root, split)} is absent and data.mlm_holdout_every <= 0: '
+                      f'no {split!r} documents.')
   files = sorted(glob.glob(os.path.join(split_dir, '**', '*.txt'), recursive=True))
   if not files:
-    raise FileNotFoundError(f'No *.txt files under {split_dir} (data.name={MLM_DATASET!r} expects a plain-text '
-                            'corpus, one document per line).')
+    raise DataError(f'No *.txt files under {split_dir} (data.name={MLM_DATASET!r} expects a plain-text '
+                    'corpus, one document per line).')
   docs = []
   for path in files:
     with open(path, encoding='utf-8') as f:
@@ -347,9 +353,9 @@ def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int
   tok = get_tokenizer(data_cfg)
   examples = _split_examples(data_cfg, split, train)
   if len(examples) == 0:
-    raise ValueError(f'Dataset {data_cfg.name!r} split {split!r} is empty.')
+    raise DataError(f'Dataset {data_cfg.name!r} split {split!r} is empty.')
   if train and len(examples) < batch_size:
-    raise ValueError(f'{data_cfg.name} {split}: {len(examples)} examples cannot fill one batch of {batch_size}.')
+    raise DataError(f'{data_cfg.name} {split}: {len(examples)} examples cannot fill one batch of {batch_size}.')
   ds = grain.MapDataset.source(examples)
   if train:
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
@@ -386,6 +392,6 @@ def dataset_info(data_cfg) -> DatasetInfo:
   if not num_classes:
     num_classes = int(np.max(train.labels)) + 1
   if np.max(train.labels) >= num_classes or np.min(train.labels) < 0:
-    raise ValueError(f'{name}: training labels span [{np.min(train.labels)}, {np.max(train.labels)}], outside '
+    raise DataError(f'{name}: training labels span [{np.min(train.labels)}, {np.max(train.labels)}], outside '
                      f'[0, {num_classes}) (data.num_classes).')
   return DatasetInfo(num_classes, tok.vocab_size, len(train), num_eval, 'classification')

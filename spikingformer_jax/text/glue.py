@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from spikingformer_jax.data.sources import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
@@ -85,7 +87,7 @@ def _column(header: Optional[list[str]], key: str | int, path: str) -> int:
   if isinstance(key, int):
     return key
   if header is None or key not in header:
-    raise ValueError(f'{path}: expected a header line with column {key!r}, got header {header}.')
+    raise DataError(f'{path}: expected a header line with column {key!r}, got header {header}.')
   return header.index(key)
 
 
@@ -96,7 +98,7 @@ def _label_value(raw: str, task: GlueTask, path: str, line_no: int):
     return float(raw) if task.num_classes == 1 else int(raw)
   except ValueError:
     expected = task.label_names or ('a float score' if task.num_classes == 1 else 'an integer class id')
-    raise ValueError(f'{path}:{line_no}: label {raw!r} is not one of {expected}.') from None
+    raise DataError(f'{path}:{line_no}: label {raw!r} is not one of {expected}.') from None
 
 
 def resolve_tsv_split(task_dir: str, split: str) -> str:
@@ -110,7 +112,7 @@ def resolve_tsv_split(task_dir: str, split: str) -> str:
         logging.warning('GLUE split %r: %s is absent, using %s instead.', split, candidates[0], path)
       return path
   present = sorted(os.listdir(task_dir)) if os.path.isdir(task_dir) else 'directory absent'
-  raise FileNotFoundError(f'GLUE split {split!r} needs one of {candidates} in {task_dir} (found: {present}).')
+  raise DataError(f'GLUE split {split!r} needs one of {candidates} in {task_dir} (found: {present}).')
 
 
 def read_glue_tsv(task_name: str, data_dir: str, split: str) -> Examples:
@@ -119,16 +121,18 @@ def read_glue_tsv(task_name: str, data_dir: str, split: str) -> Examples:
   path = resolve_tsv_split(os.path.join(data_dir, task.tsv_dir), split)
   rows = _read_tsv_rows(path)
   has_header = not isinstance(task.label, int)
+  if not rows:
+    raise DataError(f'{path} is empty: expected GLUE {task.tsv_dir} examples.')
   header, body, first_line = (rows[0], rows[1:], 2) if has_header else (None, rows, 1)
   if not body:
-    raise ValueError(f'{path} has no examples.')
+    raise DataError(f'{path} has a header line but no examples.')
   cols = [_column(header, k, path) for k in (task.text_a, task.label)]
   b_col = None if task.text_b is None else _column(header, task.text_b, path)
   width = len(header) if header else max(len(r) for r in body)
   text_a, text_b, labels = [], [], []
   for line_no, row in enumerate(body, start=first_line):
     if len(row) != width:
-      raise ValueError(f'{path}:{line_no}: expected {width} TAB-separated columns, got {len(row)}.')
+      raise DataError(f'{path}:{line_no}: expected {width} TAB-separated columns, got {len(row)}.')
     text_a.append(row[cols[0]].strip())
     if b_col is not None:
       text_b.append(row[b_col].strip())
@@ -145,7 +149,10 @@ def read_glue_tfds(task_name: str, data_dir: Optional[str], split: str) -> Examp
   """
   import tensorflow_datasets as tfds  # Imported lazily: only this source needs it.
   task = get_glue_task(task_name)
-  source = tfds.data_source(f'glue/{task.name}', split=split, data_dir=data_dir or None)
+  try:
+    source = tfds.data_source(f'glue/{task.name}', split=split, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:  # its message lists every TFDS dataset
+    raise DataError(f'TFDS has no prepared glue/{task.name} in {data_dir or "its default data_dir"}.') from None
   # Stripped like the TSV reader's columns (GLUE's SST-2 sentences end with a space).
   decode = lambda v: (v.decode('utf-8') if isinstance(v, bytes) else str(v)).strip()
   records = sorted((source[i] for i in range(len(source))), key=lambda r: int(r['idx']))
@@ -161,19 +168,21 @@ def read_glue_tfds(task_name: str, data_dir: Optional[str], split: str) -> Examp
 def read_label_text_tsv(path: str) -> Examples:
   """`label<TAB>text` with a header line (the staged SST/MR/Subj/Chinese sentiment files)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} does not exist (expected a label<TAB>text TSV).')
+    raise DataError(f'{path} does not exist (expected a label<TAB>text TSV).')
   rows = _read_tsv_rows(path)
   if not rows or rows[0][:2] != ['label', 'text']:
-    raise ValueError(f'{path}: expected the header line "label<TAB>text", got {rows[0] if rows else "an empty file"}.')
+    raise DataError(f'{path}: expected the header line "label<TAB>text", got {rows[0] if rows else "an empty file"}.')
   texts, labels = [], []
   for line_no, row in enumerate(rows[1:], start=2):
     if len(row) != 2:
-      raise ValueError(f'{path}:{line_no}: expected 2 TAB-separated columns (label, text), got {len(row)}.')
+      raise DataError(f'{path}:{line_no}: expected 2 TAB-separated columns (label, text), got {len(row)}.')
     try:
       labels.append(int(row[0]))
     except ValueError:
-      raise ValueError(f'{path}:{line_no}: label {row[0]!r} is not an integer.') from None
+      raise DataError(f'{path}:{line_no}: label {row[0]!r} is not an integer.') from None
     texts.append(row[1])
+  if not texts:
+    raise DataError(f'{path} has a header line but no examples.')
   return Examples(texts, None, np.asarray(labels, np.int32))
 
 

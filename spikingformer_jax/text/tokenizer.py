@@ -16,6 +16,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import tokenizers
 
+from spikingformer_jax.data.sources import DataError
+
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 
@@ -28,7 +30,7 @@ class WordPiece:
 
   def __init__(self, vocab: str | dict, max_len: int, lowercase: bool = True):
     if isinstance(vocab, str) and not os.path.isfile(vocab):
-      raise FileNotFoundError(f'Vocabulary file {vocab!r} does not exist (data.vocab_file).')
+      raise DataError(f'Vocabulary file {vocab!r} does not exist (data.vocab_file).')
     if max_len < 3:
       raise ValueError(f'max_len must be >= 3 ([CLS] x [SEP]), got {max_len}.')
     self._tok = tokenizers.BertWordPieceTokenizer(vocab, lowercase=lowercase)

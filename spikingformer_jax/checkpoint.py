@@ -16,6 +16,8 @@ gs://). What can still go wrong is handled without losing anything:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from typing import Any, Optional
 
@@ -198,30 +200,73 @@ def _stored_tree(state_dir) -> dict:
   return stored.tree
 
 
-def _latest_step_dir(path):
-  """A workdir, its checkpoints/ dir, or one step dir -> the step dir (the latest complete step)."""
+CHECKPOINT_CHOICES = 'latest, best or a step number'
+
+
+def has_training_checkpoints(workdir) -> bool:
+  """Whether `<workdir>/checkpoints` holds at least one step directory."""
+  directory = checkpoint_dir(workdir)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _step_dir(path, which: str, metric: str) -> tuple[Any, Optional[int]]:
+  """(step dir, step) of a workdir, its checkpoints/ dir or one step dir: `which` is 'latest', 'best'
+  (the highest `metric` among the steps saved with an evaluation) or a step number."""
+  if which not in ('latest', 'best') and not which.isdigit():
+    raise CheckpointError(f'checkpoint {which!r}: expected {CHECKPOINT_CHOICES}.')
   if (path / 'state').is_dir():
-    return path
+    if which != 'latest' and which != path.name:
+      raise CheckpointError(f'{path} is the checkpoint of one step; checkpoint {which!r} needs its workdir.')
+    return path, int(path.name) if path.name.isdigit() else None
   ckpts = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
-  manager = ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(read_only=True))
+  best = dict(best_fn=lambda metrics: metrics.get(metric, -np.inf), best_mode='max') if which == 'best' else {}
+  manager = ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(read_only=True, **best))
   try:
-    step = manager.latest_step()
+    steps = manager.all_steps()
+    step = {'latest': manager.latest_step, 'best': manager.best_step}.get(which, lambda: int(which))()
   finally:
     manager.close()
-  if step is None:
+  if not steps:
     raise CheckpointError(f'{path}: no complete training checkpoint (expected a workdir, its checkpoints/ '
                           'directory, a step directory, or a weights checkpoint written by convert).')
-  return ckpts / str(step)
+  if step is None:
+    raise CheckpointError(f'{path}: no checkpoint has an evaluation with {metric!r} (config.metric) to be the best.')
+  if step not in steps:
+    raise CheckpointError(f'{path} has no checkpoint of step {step}; it has steps {sorted(steps)}.')
+  return ckpts / str(step), step
 
 
-def load_variables(path) -> dict:
-  """{'params', 'batch_stats'} as host arrays from a weights checkpoint or any training checkpoint path."""
+def _model_name(step_dir) -> Optional[str]:
+  """The model name the trainer stored with a step (its 'meta' item), None when it is not there."""
+  meta = step_dir / 'meta' / 'metadata'
+  try:
+    return json.loads(meta.read_text()).get('model_name')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredModel:
+  """Model variables read from a checkpoint, with what the checkpoint says about them."""
+  variables: dict  # {'params', 'batch_stats'} as host arrays
+  model_name: Optional[str]  # the registered model that wrote them, when recorded
+  step: Optional[int]  # the training step; None for a weights checkpoint
+  path: Any  # the step directory or weights checkpoint read
+
+
+def load_model(path, which: str = 'latest', metric: str = 'top1') -> StoredModel:
+  """The model variables of a weights checkpoint or a training checkpoint (`which`: latest, best by
+  `metric`, or a step number) from a workdir, its checkpoints/ dir or a step dir."""
   path = paths.path(path)
   if not path.exists():
     raise CheckpointError(f'{path} does not exist.')
   if weights.is_weights_checkpoint(path):
-    return weights.load_weights(path)[0]
-  step_dir = _latest_step_dir(path)
+    if which != 'latest':
+      raise CheckpointError(f'{path} is a weights checkpoint (one set of weights): checkpoint {which!r} applies '
+                            'to training checkpoints only.')
+    variables, meta = weights.load_weights(path)
+    return StoredModel(variables, meta['model_name'], None, path)
+  step_dir, step = _step_dir(path, which, metric)
   try:
     stored = _stored_tree(step_dir / 'state')
     with ocp.StandardCheckpointer() as checkpointer:
@@ -232,4 +277,10 @@ def load_variables(path) -> dict:
       restored = checkpointer.restore(step_dir / 'state', target)
   except Exception as e:
     raise CheckpointError(f'{step_dir}: cannot read the model variables ({_one_line(e)}).') from e
-  return {k: jax.tree_util.tree_map(np.asarray, restored[k]) for k in ('params', 'batch_stats')}
+  variables = {k: jax.tree_util.tree_map(np.asarray, restored[k]) for k in ('params', 'batch_stats')}
+  return StoredModel(variables, _model_name(step_dir), step, step_dir)
+
+
+def load_variables(path) -> dict:
+  """{'params', 'batch_stats'} as host arrays from a weights checkpoint or any training checkpoint path."""
+  return load_model(path).variables

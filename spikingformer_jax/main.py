@@ -2,8 +2,10 @@
 
 Overrides use ml_collections' syntax, e.g. `--config.batch_size=64 --config.optim.lr=1e-3`.
 `--mode=train` trains (resuming from the workdir when it holds a checkpoint), evaluates and writes
-`<workdir>/summary.json`; `--mode=eval` evaluates the latest checkpoint in the workdir (or
-`--config.init_from`) only and writes `<workdir>/eval_summary.json`. DIR may be gs://bucket/....
+`<workdir>/config.json` and `<workdir>/summary.json`, printing one line per evaluation; `--mode=eval`
+evaluates a checkpoint of the workdir (`--checkpoint=latest|best|<step>`; without any, the one
+`--config.init_from` names) only and writes `<workdir>/eval_summary.json`. DIR may be gs://bucket/....
+Orbax's INFO log lines are dropped (`--orbax_info` keeps them).
 
 Multi-process jobs: TPU pods join with `--config.distributed=True`; anywhere else (e.g. several
 processes on one machine, see launch/local.sh) set JAX_COORDINATOR_ADDRESS=host:port,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging as python_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -26,8 +29,19 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (with op
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and TensorBoard files go (local or gs://).')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and evaluate) or only evaluate.')
+flags.DEFINE_string('checkpoint', 'latest', '--mode=eval: the checkpoint to evaluate: latest, best (by '
+                    'config.metric) or a step number.')
+flags.DEFINE_bool('orbax_info', False, "Keep Orbax's INFO log lines (about a thousand per short run).")
 flags.mark_flags_as_required(['config', 'workdir'])
 
+
+def drop_info_from(package: str) -> python_logging.Filter:
+  """A logging filter that drops the records below WARNING that `package`'s source files log."""
+  marker = f'{os.sep}{package}{os.sep}'
+
+  def keep(record: python_logging.LogRecord) -> bool:
+    return record.levelno >= python_logging.WARNING or marker not in record.pathname
+  return keep
 
 
 def _without_closed_loop_reports(hook):
@@ -54,13 +68,15 @@ def main(argv):
   compile_cache.enable()
   sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
 
+  if not FLAGS.orbax_info:
+    logging.get_absl_handler().addFilter(drop_info_from('orbax'))
   config = FLAGS.config
   logging.info('Config:\n%s', config)
   try:
     if FLAGS.mode == 'train':
       summary = train.train_and_evaluate(config, FLAGS.workdir)
     else:
-      summary = evaluate_only.run(config, FLAGS.workdir)
+      summary = evaluate_only.run(config, FLAGS.workdir, FLAGS.checkpoint)
   except (configs.ConfigError, checkpoint.CheckpointError, run_lock.RunLockError, data.DataError,
           weights.WeightsError) as e:
     # What asyncio would still log at exit about Orbax's abandoned writes repeats this line dozens of times.

@@ -1,4 +1,5 @@
-"""Evaluation metrics in pure NumPy, and the official metric set of each text task.
+"""Evaluation metrics (accuracy in NumPy; F1, MCC, Pearson and Spearman from scikit-learn and scipy), and
+the official metric set of each text task.
 
 Every function takes an optional `mask` (1 = count the example) so the padded rows of the last eval
 batch drop out. The trainer gathers logits/labels/mask on the host and calls `task_metrics`.
@@ -6,6 +7,8 @@ batch drop out. The trainer gathers logits/labels/mask on the host and calls `ta
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sklearn_metrics
 
 # task -> (metric names, the primary one). GLUE's official metrics; other datasets use accuracy.
 _TASK_METRICS = {
@@ -52,57 +55,40 @@ def top_k_accuracy(logits, labels, k: int, mask=None) -> float:
   return float(_masked(hits, mask).mean())
 
 
-def _binary_counts(predictions_or_logits, labels, mask, positive: int = 1):
+def _class_ids(predictions_or_logits, labels, mask) -> tuple[np.ndarray, np.ndarray]:
+  """(predicted, true) class ids of the examples with mask 1."""
   labels = np.asarray(labels)
-  pred = _masked(_predictions(predictions_or_logits, labels) == positive, mask)
-  true = _masked(labels == positive, mask)
-  return np.sum(pred & true), np.sum(pred & ~true), np.sum(~pred & true), np.sum(~pred & ~true)
+  return _masked(_predictions(predictions_or_logits, labels), mask), _masked(labels, mask)
 
 
 def f1(predictions_or_logits, labels, mask=None, positive: int = 1) -> float:
   """Binary F1 of class `positive` (GLUE MRPC/QQP); 0 when there are no true or predicted positives."""
-  tp, fp, fn, _ = _binary_counts(predictions_or_logits, labels, mask, positive)
-  return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+  pred, true = _class_ids(predictions_or_logits, labels, mask)
+  return float(sklearn_metrics.f1_score(true == positive, pred == positive, zero_division=0.0))
 
 
 def matthews_corrcoef(predictions_or_logits, labels, mask=None) -> float:
   """Multi-class Matthews correlation (Gorodkin's R_K; the binary MCC for two classes); 0 if undefined."""
-  labels = np.asarray(labels)
-  pred = _masked(_predictions(predictions_or_logits, labels), mask).astype(np.int64)
-  true = _masked(labels, mask).astype(np.int64)
-  k = int(max(pred.max(initial=0), true.max(initial=0))) + 1
-  confusion = np.zeros((k, k), np.float64)
-  np.add.at(confusion, (true, pred), 1.0)
-  t, p = confusion.sum(axis=1), confusion.sum(axis=0)
-  n, correct = confusion.sum(), np.trace(confusion)
-  cov = correct * n - t @ p
-  denom = np.sqrt((n * n - p @ p) * (n * n - t @ t))
-  return float(cov / denom) if denom > 0 else 0.0
+  pred, true = _class_ids(predictions_or_logits, labels, mask)
+  return float(sklearn_metrics.matthews_corrcoef(true, pred))
+
+
+def _correlation(statistic, predictions, labels, mask) -> float:
+  """scipy's correlation `statistic` of the masked values; 0 when either side is constant (undefined)."""
+  x = _masked(np.asarray(predictions, np.float64), mask)
+  y = _masked(np.asarray(labels, np.float64), mask)
+  if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return 0.0
+  return float(statistic(x, y).statistic)
 
 
 def pearson(predictions, labels, mask=None) -> float:
-  x = _masked(np.asarray(predictions, np.float64), mask)
-  y = _masked(np.asarray(labels, np.float64), mask)
-  x, y = x - x.mean(), y - y.mean()
-  denom = np.sqrt((x * x).sum() * (y * y).sum())
-  return float((x * y).sum() / denom) if denom > 0 else 0.0
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """Ranks 1..n with ties sharing their mean rank (scipy.stats.rankdata 'average')."""
-  order = np.argsort(x, kind='stable')
-  sorted_x = x[order]
-  starts = np.flatnonzero(np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]]))
-  ends = np.concatenate([starts[1:], [x.size]])
-  ranks = np.empty(x.size, np.float64)
-  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-  return ranks
+  return _correlation(stats.pearsonr, predictions, labels, mask)
 
 
 def spearman(predictions, labels, mask=None) -> float:
-  x = _masked(np.asarray(predictions, np.float64), mask)
-  y = _masked(np.asarray(labels, np.float64), mask)
-  return pearson(_average_ranks(x), _average_ranks(y))
+  """Spearman's rank correlation (ties share their mean rank)."""
+  return _correlation(stats.spearmanr, predictions, labels, mask)
 
 
 _FUNCTIONS = {'accuracy': accuracy, 'f1': f1, 'matthews': matthews_corrcoef, 'pearson': pearson,

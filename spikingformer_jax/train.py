@@ -14,11 +14,13 @@ import signal
 import time
 from typing import Any, Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from scipy import special
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -76,23 +78,22 @@ def model_inputs(batch) -> tuple:
   return (batch['image'],)
 
 
-def _cross_entropy(logits, soft_targets):
-  return -jnp.sum(soft_targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
-
-
 def task_loss(config, outputs, batch, soft_targets=None):
   """Mean loss of a (micro)batch and its per-example correctness (for train accuracy)."""
   if config.task == 'regression':
     pred = outputs.reshape(-1).astype(jnp.float32)
+    chex.assert_equal_shape([pred, batch['label']])  # [B] against [B], never broadcast to [B, B]
     return jnp.mean(jnp.square(pred - batch['label'])), jnp.zeros_like(pred)
+  logits = outputs.astype(jnp.float32)
   if config.task == 'mlm':
     w = batch['mlm_weights']
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(outputs.astype(jnp.float32)), batch['label'][..., None],
-                              axis=-1)[..., 0]
+    chex.assert_equal_shape([logits[..., 0], batch['label'], w])  # [B, L] positions
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     correct = (jnp.argmax(outputs, -1) == batch['label']) * w
     denom = jnp.maximum(w.sum(), 1.0)
     return jnp.sum(ce * w) / denom, correct.sum(-1) / jnp.maximum(w.sum(-1), 1.0)
-  loss = jnp.mean(_cross_entropy(outputs, soft_targets))
+  chex.assert_equal_shape([logits, soft_targets])  # [B, classes]
+  loss = jnp.mean(optax.softmax_cross_entropy(logits, soft_targets))
   return loss, (jnp.argmax(outputs, -1) == batch['label']).astype(jnp.float32)
 
 
@@ -311,9 +312,7 @@ def eval_metrics(config, out, lab, mask) -> dict:
     return {'mlm_accuracy': metrics.accuracy(out, lab, mask), 'num_masked_tokens': float(mask.sum())}
   result = {}
   if config.task == 'classification':
-    logp = out - out.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, lab[:, None].astype(np.int64), -1)[:, 0]
+    nll = -np.take_along_axis(special.log_softmax(out, -1), lab[:, None].astype(np.int64), -1)[:, 0]
     result['loss'] = float((nll * mask).sum() / mask.sum())
     result['top1'] = metrics.accuracy(out, lab, mask)
     if out.shape[-1] >= 5:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,18 +119,6 @@ class LIF(nn.Module):
     return s
 
 
-class ParametricLIF(nn.Module):
-  """Multi-step PLIF with one learnable time constant per layer (1/tau = sigmoid(w))."""
-  config: neurons.LIFConfig
-
-  @nn.compact
-  def __call__(self, x):
-    w = self.param('w', lambda _: jnp.asarray(neurons.plif_init_w(self.config.tau), jnp.float32))
-    s = neurons.plif(x, w, self.config)
-    self.sow(SPIKES, 'out', s)
-    return s
-
-
 def _time_fold(fn, x):
   """Applies `fn` to `[B*T, ...]` and restores `[T, B, ...]`.
 
@@ -137,9 +126,8 @@ def _time_fold(fn, x):
   holds whole examples), so a data-parallel step runs the convolutions on its own examples. Folding
   time-major would interleave the devices' examples and make the partitioner gather the batch.
   """
-  t, b = x.shape[:2]
-  y = fn(sharding.keep_batch_split(jnp.swapaxes(x, 0, 1).reshape((b * t,) + x.shape[2:]), 0))
-  return jnp.swapaxes(sharding.keep_batch_split(y, 0).reshape((b, t) + y.shape[1:]), 0, 1)
+  y = fn(sharding.keep_batch_split(einops.rearrange(x, 't b ... -> (b t) ...'), 0))
+  return einops.rearrange(sharding.keep_batch_split(y, 0), '(b t) ... -> t b ...', t=x.shape[0])
 
 
 def max_pool(x):
@@ -248,7 +236,7 @@ class SpikingSelfAttention(nn.Module):
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
     if self.dim % self.num_heads:
       raise ValueError(f'dim {self.dim} must be divisible by num_heads {self.num_heads}.')
-    t, b, n, d = x.shape
+    n, d = x.shape[2:]
     bn_mask = None if mask is None else mask[None, :, :, None].astype(bool)
     if self.pre_activation:
       x = LIF(self.lif, name='proj_lif')(x)
@@ -264,7 +252,7 @@ class SpikingSelfAttention(nn.Module):
       token_mask = mask[None, :, :, None].astype(k.dtype)
       k, v = k * token_mask, v * token_mask
     q, k, v = spike_operand(q), spike_operand(k), spike_operand(v)
-    heads = lambda y: y.reshape(t, b, n, self.num_heads, d // self.num_heads)
+    heads = lambda y: einops.rearrange(y, 't b n (h c) -> t b n h c', h=self.num_heads)
     q, k, v = heads(q), heads(k), heads(v)
     # Spike products are integer counts: accumulate in float32 and keep the intermediate count matrix in
     # float32 (bfloat16 is exact only up to 256, and K^T V counts reach N).
@@ -282,7 +270,7 @@ class SpikingSelfAttention(nn.Module):
         qk = jnp.einsum('tbnhi,tbmhi->tbhnm', q, k, **f32)
       with jax.named_scope('qk_v'):
         y = jnp.einsum('tbhnm,tbmhj->tbnhj', qk, v, **f32)
-    y = product_out((y * self.scale).reshape(t, b, n, d).astype(self.dtype))
+    y = product_out(einops.rearrange(y * self.scale, 't b n h c -> t b n (h c)').astype(self.dtype))
     lif_attn = self.lif.replace(v_threshold=self.attn_threshold)
     y = LIF(lif_attn, name='attn_lif')(y)
     y = ChannelDense(d, use_bias=True, dtype=self.dtype, spike_kernels=self.spike_kernels, name='proj_conv')(y)

@@ -50,36 +50,29 @@ class LIFConfig:
     return dataclasses.replace(self, **kwargs)
 
 
-def _charge(v, x, decay, v_reset, decay_input):
-  """One charge step; `decay` = 1/tau (a Python float or a traced scalar for PLIF)."""
-  rest = 0.0 if v_reset is None else v_reset
-  if decay_input:
+def _charge(v, x, cfg: LIFConfig):
+  rest, decay = 0.0 if cfg.v_reset is None else cfg.v_reset, 1.0 / cfg.tau
+  if cfg.decay_input:
     return v + (x - (v - rest)) * decay
   return v - (v - rest) * decay + x
 
 
-def _fire_and_reset(h, cfg: LIFConfig):
-  s = spike(h - cfg.v_threshold, cfg.surrogate, cfg.alpha)
-  s_reset = jax.lax.stop_gradient(s) if cfg.detach_reset else s
-  if cfg.v_reset is None:
-    v = h - s_reset * cfg.v_threshold
-  else:
-    v = h * (1.0 - s_reset) + cfg.v_reset * s_reset
-  return v, s
-
-
-def _run(x: jax.Array, cfg: LIFConfig, decay, decay_input: bool) -> jax.Array:
+def _scan(x: jax.Array, cfg: LIFConfig) -> tuple[jax.Array, jax.Array]:
+  """Spikes S and margins H - V_th over time: the charge, fire and reset equations above, as one scan."""
   if x.ndim < 1:
     raise ValueError(f'Neuron input needs a leading time axis [T, ...], got shape {x.shape}.')
   rest = 0.0 if cfg.v_reset is None else cfg.v_reset
-  v0 = jnp.full(x.shape[1:], rest, dtype=x.dtype)
 
   def step(v, x_t):
-    h = _charge(v, x_t, decay, cfg.v_reset, decay_input)
-    return _fire_and_reset(h, cfg)
+    h = _charge(v, x_t, cfg)
+    margin = h - cfg.v_threshold
+    s = spike(margin, cfg.surrogate, cfg.alpha)
+    s_reset = jax.lax.stop_gradient(s) if cfg.detach_reset else s
+    v = h - s_reset * cfg.v_threshold if cfg.v_reset is None else h * (1.0 - s_reset) + cfg.v_reset * s_reset
+    return v, (s, margin)
 
-  _, spikes = jax.lax.scan(step, v0, x, unroll=cfg.unroll)
-  return spikes
+  _, (spikes, margins) = jax.lax.scan(step, jnp.full(x.shape[1:], rest, x.dtype), x, unroll=cfg.unroll)
+  return spikes, margins
 
 
 def lif(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
@@ -87,33 +80,16 @@ def lif(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
 
   With `detach_reset` (the reference's setting) the gradient is a hand-written BPTT whose only
   residual is `x`: autodiff through the scan would keep two `[T, ...]` tensors per neuron (H - V_th
-  and 1 - S) alive until the backward pass.
+  and 1 - S) alive until the backward pass. Without it, autodiff runs through the scan.
   """
   if cfg.detach_reset:
     return _lif_bptt(x, cfg)
-  return _run(x, cfg, 1.0 / cfg.tau, cfg.decay_input)
-
-
-def _membranes(x: jax.Array, cfg: LIFConfig):
-  """Spikes and H - V_th over time (no autodiff through this: `_lif_bptt` differentiates by hand)."""
-  if x.ndim < 1:
-    raise ValueError(f'Neuron input needs a leading time axis [T, ...], got shape {x.shape}.')
-  rest = 0.0 if cfg.v_reset is None else cfg.v_reset
-
-  def step(v, x_t):
-    h = _charge(v, x_t, 1.0 / cfg.tau, cfg.v_reset, cfg.decay_input)
-    margin = h - cfg.v_threshold
-    s = (margin >= 0).astype(x.dtype)  # As surrogates.spike, so the spikes are the same bits.
-    v = h - s * cfg.v_threshold if cfg.v_reset is None else h * (1.0 - s) + cfg.v_reset * s
-    return v, (s, margin)
-
-  _, (spikes, margins) = jax.lax.scan(step, jnp.full(x.shape[1:], rest, x.dtype), x, unroll=cfg.unroll)
-  return spikes, margins
+  return _scan(x, cfg)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _lif_bptt(x: jax.Array, cfg: LIFConfig) -> jax.Array:
-  return _membranes(x, cfg)[0]
+  return _scan(x, cfg)[0]
 
 
 def _lif_bptt_fwd(x, cfg):
@@ -122,7 +98,7 @@ def _lif_bptt_fwd(x, cfg):
 
 def _lif_bptt_bwd(cfg, x, g):
   """grad_H[t] = g[t] sg'(H[t] - V_th) + grad_V[t] dV/dH[t],  grad_V[t-1] = grad_H[t] (1 - 1/tau)."""
-  spikes, margins = _membranes(x, cfg)
+  spikes, margins = _scan(x, cfg)
   grad_fn, default_alpha = get_surrogate(cfg.surrogate)
   alpha = default_alpha if cfg.alpha is None else cfg.alpha
   decay = 1.0 / cfg.tau
@@ -139,22 +115,3 @@ def _lif_bptt_bwd(cfg, x, g):
 
 
 _lif_bptt.defvjp(_lif_bptt_fwd, _lif_bptt_bwd)
-
-
-def if_neuron(x: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
-  """Multi-step integrate-and-fire neuron: H = V + X (no leak); `tau` and `decay_input` are unused."""
-  return _run(x, cfg, 0.0, decay_input=False)
-
-
-def plif(x: jax.Array, w: jax.Array, cfg: LIFConfig = LIFConfig()) -> jax.Array:
-  """Multi-step parametric LIF (Fang et al. 2021): 1/tau = sigmoid(w) with a learnable scalar w.
-
-  `w = -log(tau0 - 1)` starts the neuron at time constant tau0 (SpikingJelly's initialisation).
-  """
-  return _run(x, cfg, jax.nn.sigmoid(w).astype(x.dtype), cfg.decay_input)
-
-
-def plif_init_w(tau0: float) -> float:
-  if not tau0 > 1.0:
-    raise ValueError(f'PLIF initial tau must be > 1, got {tau0}.')
-  return float(-jnp.log(tau0 - 1.0))

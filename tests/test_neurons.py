@@ -16,17 +16,16 @@ def np_sigmoid_grad(x, alpha):
   return alpha * s * (1.0 - s)
 
 
-def np_lif(x, tau, v_th, v_reset, decay_input, detach_reset, g_spikes, leak=True):
-  """Forward spikes and BPTT gradients (w.r.t. x and w.r.t. the decay 1/tau), written from the equations."""
+def np_lif(x, tau, v_th, v_reset, decay_input, detach_reset, g_spikes):
+  """Forward spikes and BPTT gradients w.r.t. x, written from the equations."""
   x = x.astype(np.float64)
-  decay = (1.0 / tau) if leak else 0.0
+  decay = 1.0 / tau
   rest = 0.0 if v_reset is None else v_reset
   T = x.shape[0]
   v = np.full(x.shape[1:], rest)
-  hs, ss, vs_prev = [], [], []
+  hs, ss = [], []
   for t in range(T):
-    vs_prev.append(v)
-    if decay_input and leak:
+    if decay_input:
       h = v + (x[t] - (v - rest)) * decay
     else:
       h = v - (v - rest) * decay + x[t]
@@ -36,7 +35,6 @@ def np_lif(x, tau, v_th, v_reset, decay_input, detach_reset, g_spikes, leak=True
     ss.append(s)
   # Backward.
   gx = np.zeros_like(x)
-  g_decay = 0.0
   gv = np.zeros(x.shape[1:])
   for t in reversed(range(T)):
     h, s = hs[t], ss[t]
@@ -46,14 +44,9 @@ def np_lif(x, tau, v_th, v_reset, decay_input, detach_reset, g_spikes, leak=True
     else:
       dv_dh = 1 - (0 if detach_reset else v_th * sg)
     gh = g_spikes[t] * sg + gv * dv_dh
-    if decay_input and leak:
-      gx[t] = gh * decay
-      g_decay += np.sum(gh * (x[t] - (vs_prev[t] - rest)))
-    else:
-      gx[t] = gh
-      g_decay += np.sum(gh * -(vs_prev[t] - rest))
+    gx[t] = gh * decay if decay_input else gh
     gv = gh * (1 - decay)
-  return np.stack(ss), gx, g_decay
+  return np.stack(ss), gx
 
 
 # Every reset/decay/detach combination, each with two (tau, threshold) settings.
@@ -69,7 +62,7 @@ def test_lif_forward_and_backward_match_numpy(tau, v_th, v_reset, decay_input, d
   cfg = neurons.LIFConfig(tau=tau, v_threshold=v_th, v_reset=v_reset, decay_input=decay_input,
                           detach_reset=detach)
   spikes, vjp = jax.vjp(lambda x: neurons.lif(x, cfg), jnp.asarray(x))
-  ref_s, ref_gx, _ = np_lif(x, tau, v_th, v_reset, decay_input, detach, g)
+  ref_s, ref_gx = np_lif(x, tau, v_th, v_reset, decay_input, detach, g)
   np.testing.assert_array_equal(np.asarray(spikes), ref_s)
   np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), ref_gx, atol=1e-6, rtol=1e-5)
   assert 0 < ref_s.mean() < 1  # The case exercises both firing and silence.
@@ -88,31 +81,6 @@ def test_unrolled_and_rolled_scans_agree():
   f = lambda cfg: jax.grad(lambda x: jnp.sum(neurons.lif(x, cfg) * jnp.arange(64.0)))(x)
   np.testing.assert_allclose(np.asarray(f(neurons.LIFConfig(unroll=True))),
                              np.asarray(f(neurons.LIFConfig(unroll=1))), rtol=1e-6)
-
-
-def test_if_neuron_matches_numpy():
-  rng = np.random.default_rng(3)
-  x = rng.normal(0.3, 0.8, size=(5, 40)).astype(np.float32)
-  g = rng.normal(size=x.shape).astype(np.float32)
-  cfg = neurons.LIFConfig(detach_reset=True)
-  s, vjp = jax.vjp(lambda x: neurons.if_neuron(x, cfg), jnp.asarray(x))
-  ref_s, ref_gx, _ = np_lif(x, 2.0, 1.0, 0.0, False, True, g, leak=False)
-  np.testing.assert_array_equal(np.asarray(s), ref_s)
-  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), ref_gx, atol=1e-6)
-
-
-def test_plif_equals_lif_at_init_and_learns_its_time_constant():
-  rng = np.random.default_rng(4)
-  x = rng.normal(0.7, 1.0, size=(4, 50)).astype(np.float32)
-  g = rng.normal(size=x.shape).astype(np.float32)
-  w0 = jnp.asarray(neurons.plif_init_w(2.0))
-  cfg = neurons.LIFConfig()
-  np.testing.assert_array_equal(np.asarray(neurons.plif(jnp.asarray(x), w0, cfg)),
-                                np.asarray(neurons.lif(jnp.asarray(x), cfg)))
-  gw = jax.grad(lambda w: jnp.sum(neurons.plif(jnp.asarray(x), w, cfg) * g))(w0)
-  _, _, g_decay = np_lif(x, 2.0, 1.0, 0.0, True, True, g)
-  sig = 0.5  # sigmoid(w0) = 1/tau; d sigmoid/dw = sig (1 - sig).
-  np.testing.assert_allclose(float(gw), g_decay * sig * (1 - sig), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('name,alpha', [('sigmoid', 4.0), ('sigmoid', 2.0), ('atan', 2.0), ('triangle', 1.0),

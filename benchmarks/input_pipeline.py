@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from spikingformer_jax import configs
+from spikingformer_jax import configs, paths
 from spikingformer_jax.data import pipeline
 
 RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'input_pipeline.md'
@@ -39,7 +39,7 @@ def cpu_model() -> str:
 
 def imagenet_as_npz(folder: pathlib.Path) -> pathlib.Path:
   """The ImageNet sample as an npz train split (the generic source) with the ImageNet preset."""
-  with np.load(pipeline.shared_data_dir('imagenet_sample', 'sample224.npz')) as f:
+  with np.load(paths.shared_data_dir('imagenet_sample', 'sample224.npz')) as f:
     np.savez(folder / 'train.npz', images=f['images'], labels=f['labels'])
   return folder
 

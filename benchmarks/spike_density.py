@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from spikingformer_jax import energy, models
+from spikingformer_jax import energy, models, paths
 from spikingformer_jax.data import pipeline, sources
 
 MODEL = 'spikingformer-cifar-4-384'
@@ -31,7 +31,7 @@ MODEL = 'spikingformer-cifar-4-384'
 def inputs(batch: int) -> dict[str, np.ndarray]:
   out = {'random normal (the benchmark input)':
          np.asarray(jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3)))}
-  cifar_dir = pipeline.shared_data_dir('cifar10')
+  cifar_dir = paths.shared_data_dir('cifar10')
   if (cifar_dir / 'test.npz').is_file():
     images = sources.load_npz_images(cifar_dir, 'test', 10).images[:batch].astype(np.float32) / 255.0
     mean, std = np.array(pipeline.CIFAR_MEAN), np.array(pipeline.CIFAR_STD)

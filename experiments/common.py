@@ -20,8 +20,7 @@ import tempfile
 import ml_collections
 import numpy as np
 
-from spikingformer_jax import models
-from spikingformer_jax.data import pipeline
+from spikingformer_jax import models, paths
 
 FAMILIES = ('spikingformer', 'spikingformer-cml', 'spikformer')
 
@@ -184,4 +183,4 @@ def staged_sample_dir(sample_file: pathlib.Path, splits=('train', 'test')) -> pa
 
 
 def shared_sample(*parts) -> pathlib.Path:
-  return pipeline.shared_data_dir(*parts)
+  return paths.shared_data_dir(*parts)

@@ -104,7 +104,7 @@ def run(name: str, expect_spike_driven: bool) -> int:
   return 1 if expect_spike_driven and not report.spike_driven else 0
 
 
-def _main():
+def cli():
   # Flags are defined only when run as a program, so that importing this module defines none.
   from absl import app, flags
   model = flags.DEFINE_string('model', 'spikingformer-cifar-4-384',
@@ -119,4 +119,4 @@ def _main():
 
 
 if __name__ == '__main__':
-  _main()
+  cli()

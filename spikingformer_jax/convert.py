@@ -308,8 +308,13 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def cli():
+  """`spikingformer-convert`: `main` with its errors as one line and exit status 1."""
   try:
     sys.exit(main())
   except (ConversionError, weights.WeightsError, torch_mapping.MappingError) as err:
     sys.exit(f'error: {err}')
+
+
+if __name__ == '__main__':
+  cli()

@@ -417,7 +417,7 @@ def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '
   return report
 
 
-def _main():
+def cli():
   # Flags are defined only when run as a program, so that importing this module defines none.
   from absl import app, flags
   from ml_collections import config_flags
@@ -437,4 +437,4 @@ def _main():
 
 
 if __name__ == '__main__':
-  _main()
+  cli()

@@ -96,5 +96,15 @@ def main(argv):
       print(f'{config.metric}: {final[config.metric]:.4f}')
 
 
-if __name__ == '__main__':
+def cli():
+  """`spikingformer-train`: the command line above."""
   app.run(main)
+
+
+def eval_cli():
+  """`spikingformer-eval`: the command line above with --mode=eval."""
+  app.run(main, argv=sys.argv[:1] + ['--mode=eval'] + sys.argv[1:])
+
+
+if __name__ == '__main__':
+  cli()

@@ -7,6 +7,7 @@ data goes through TensorStore, which reaches Cloud Storage on its own.
 from __future__ import annotations
 
 import os
+import pathlib
 
 import fsspec
 from etils import epath
@@ -14,6 +15,16 @@ from etils import epath
 # A bucket's listings change under this process (the job's other processes write checkpoints, other
 # runs finish); gcsfs caches them for the life of the process unless told otherwise.
 fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
+
+
+SHARED_ENV = 'SPIKINGFORMER_SHARED'
+
+
+def shared_data_dir(*parts: str) -> pathlib.Path:
+  """The real-data samples and vocabularies (`<shared>/data/...`): <shared> is $SPIKINGFORMER_SHARED, else
+  ../shared from the working directory (beside a checkout that commands run from)."""
+  shared = os.environ.get(SHARED_ENV) or os.path.join(os.pardir, 'shared')
+  return pathlib.Path(shared).resolve().joinpath('data', *parts)
 
 
 def is_remote(p) -> bool:

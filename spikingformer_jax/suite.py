@@ -411,8 +411,13 @@ def _define_flags():
   flags.mark_flag_as_required('out')
 
 
-if __name__ == '__main__':
-  from absl import app
+def cli():
+  """`spikingformer-suite`: the command line above."""
+  from absl import app  # noqa: PLC0415 (flags are defined only when run as a program)
 
   _define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -90,8 +90,8 @@ def resolve_config_path(path: str) -> pathlib.Path:
 
 
 def _load_module(path: pathlib.Path, prefix: str):
-  if str(REPO) not in sys.path:  # configs import `experiments.common`
-    sys.path.insert(0, str(REPO))
+  """The module of a config or sweep file (configs import `experiments.common`: installed with the package,
+  or importable from a checkout's root)."""
   spec = importlib.util.spec_from_file_location(f'{prefix}_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -624,5 +624,10 @@ def main(argv=None):
   return 1 if result['failed'] else 0
 
 
-if __name__ == '__main__':
+def cli():
+  """`spikingformer-sweep`: the command line above."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  cli()

@@ -13,7 +13,9 @@ cpu_runtime.apply_cpu_flags()
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get('SPIKINGFORMER_SHARED', REPO.parent / 'shared'))
+# The library finds the samples through $SPIKINGFORMER_SHARED (spikingformer_jax.paths.shared_data_dir); the tests
+# default it to the checkout's sibling folder, for this process and the commands it starts.
+SHARED = pathlib.Path(os.environ.setdefault('SPIKINGFORMER_SHARED', str(REPO.parent / 'shared')))
 
 
 def shared_path(*parts: str) -> pathlib.Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
 import sys
 from typing import Any, Callable
@@ -18,17 +17,12 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
+from spikingformer_jax import paths
 from spikingformer_jax.data import augment as aug_lib
 from spikingformer_jax.data import sources
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def shared_data_dir(*parts) -> pathlib.Path:
-  """The project's real-data samples: $SPIKINGFORMER_SHARED/data or <repo>/../shared/data."""
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  return pathlib.Path(os.environ.get('SPIKINGFORMER_SHARED', repo.parent / 'shared')).joinpath('data', *parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +87,7 @@ def _nmnist(cfg, split):
 
 
 def _nmnist_sample(cfg, split):
-  folder = pathlib.Path(cfg.data_dir or shared_data_dir('nmnist'))
+  folder = pathlib.Path(cfg.data_dir or paths.shared_data_dir('nmnist'))
   return sources.PackedEventsSource(folder / f'{split}.npz', _T(cfg), (34, 34), 10, _split_by(cfg))
 
 
@@ -110,7 +104,7 @@ def _npz(num_classes, default_dir=None):
 DATASETS = {
     'digits': DatasetSpec('image', 10, DIGITS_AUGMENT, lambda cfg, split: sources.load_digits_split(split)),
     'npz': DatasetSpec('image', None, CIFAR_AUGMENT, _npz(None)),
-    'cifar10_sample': DatasetSpec('image', 10, CIFAR_AUGMENT, _npz(10, lambda: shared_data_dir('cifar10'))),
+    'cifar10_sample': DatasetSpec('image', 10, CIFAR_AUGMENT, _npz(10, lambda: paths.shared_data_dir('cifar10'))),
     'cifar10': DatasetSpec('image', 10, CIFAR_AUGMENT, _tfds('cifar10', 10)),
     'cifar100': DatasetSpec('image', 100, CIFAR_AUGMENT, _tfds('cifar100', 100)),
     'imagenet2012': DatasetSpec('image', 1000, IMAGENET_AUGMENT, _tfds('imagenet2012', 1000),

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import glob
 import os
-import pathlib
 import re
 from typing import Optional
 
@@ -30,6 +29,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from spikingformer_jax import paths
 from spikingformer_jax.data.sources import DataError
 from spikingformer_jax.text import glue, mlm
 from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
@@ -72,12 +72,6 @@ def text_data_defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def default_shared_dir() -> pathlib.Path:
-  """../shared next to the repository (or $SPIKINGFORMER_SHARED): where the staged real data lives."""
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  return pathlib.Path(os.environ.get('SPIKINGFORMER_SHARED', repo.parent / 'shared'))
-
-
 def is_text_dataset(name: str) -> bool:
   return name.startswith('glue/') or name in SENTENCE_DATASETS or name == MLM_DATASET
 
@@ -92,9 +86,9 @@ def _data_dir(data_cfg) -> str:
     return data_cfg.data_dir
   name = data_cfg.name
   if name.startswith('glue/'):
-    return str(default_shared_dir() / 'data' / 'glue')
+    return str(paths.shared_data_dir('glue'))
   if name in SENTENCE_DATASETS and name != 'tsv':
-    return str(default_shared_dir() / 'data' / name)
+    return str(paths.shared_data_dir(name))
   raise ValueError(f'data.data_dir must be set for dataset {name!r}.')
 
 
@@ -201,7 +195,7 @@ def _tokenizer(key: tuple) -> WordPiece:
   vocab = cfg.vocab_file
   chinese = SENTENCE_DATASETS.get(cfg.name, (0, 'en'))[1] == 'zh'
   if not vocab:
-    vocab = CHAR_VOCAB if chinese else str(default_shared_dir() / 'data' / 'vocab' / 'bert-base-uncased-vocab.txt')
+    vocab = CHAR_VOCAB if chinese else str(paths.shared_data_dir('vocab', 'bert-base-uncased-vocab.txt'))
   if vocab == CHAR_VOCAB:
     if cfg.name == MLM_DATASET:
       texts = _corpus_documents(cfg, 'train')

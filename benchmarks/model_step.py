@@ -257,7 +257,8 @@ def orchestrate(args):
             'compiled code, data). Achieved GFLOP/s = XLA `cost_analysis()` FLOPs of the compiled step / '
             'step time (for PyTorch, and for the spike kernels, whose custom calls XLA does not count: the '
             f'analytic {analytic_train_gflop_per_image():.1f} GFLOP per training image x {args.batch}, i.e. '
-            f'the dense equivalent). Reference from the issue: {REFERENCE_IMAGES_PER_S} images/s, '
+            'the dense equivalent). The reference code measured earlier on this machine: '
+            f'{REFERENCE_IMAGES_PER_S} images/s, '
             f'{REFERENCE_PEAK_RSS_GB} GB peak RSS. Targets: >= 2x its images/s, <= 0.5x its peak memory.', '']
   lines += common.markdown_table(
       ['row', 'rounds', 's / step', 'images/s', 'vs PyTorch (this run)', 'vs 3.3 img/s (issue)', 'peak RSS GB (process / during steps / XLA buffers)',

@@ -1,4 +1,4 @@
-"""A PyTorch Spikingformer (CIFAR tokenizer) written from the dossier (spikingformer.md §2), for timing.
+"""A PyTorch Spikingformer (CIFAR tokenizer) written from the reference's cifar10/model.py, for timing.
 
 It reproduces the reference's computation, layouts (`[T, B, C, H, W]`, Conv1d/Conv2d/BatchNorm on the
 flattened `[T*B, ...]` batch) and state_dict names (`patch_embed.block{k}_{conv,bn}`, `block.{i}.attn.*`,

@@ -8,7 +8,7 @@
 Arguments: `variant` 4-256 | 2-384 | 4-384 | 2-256 (the 4-256 model with 2 blocks), `family` spikingformer |
 spikingformer-cml | spikformer, `dtype` float32 | bfloat16, `cpu`, `runlocal`.
 
-Recipe (dossier §1.1): AdamW lr 5e-4, min 1e-5, warmup 20 epochs from 1e-5, timm cosine stepped per
+Recipe (`cifar10/cifar10.yml`): AdamW lr 5e-4, min 1e-5, warmup 20 epochs from 1e-5, timm cosine stepped per
 epoch over 400 epochs (the yml; the paper's 95.61 run used 300: --config.num_epochs=300) + 10 cooldown,
 weight decay 0.06, batch 64, label smoothing 0.1, mixup 0.5 / cutmix 0 (prob 1, switch 0.5, off from
 epoch 200), RandAugment rand-m9-n1-mstd0.4-inc1, random erasing 0.25, hflip 0.5, no resize, 12 heads

@@ -7,7 +7,7 @@
 Arguments: `T` frames per example (16 or 10 in the paper), `variant` 2-256, `family` spikingformer |
 spikingformer-cml | spikformer, `data_dir` the `prepare` output folder, `dtype`, `runlocal`.
 
-Recipe (dossier §1.1, §5.1): AdamW lr 1e-3, min 1e-5, warmup 10 epochs from 1e-5, timm cosine stepped
+Recipe (`cifar10-dvs/train.py`'s defaults): AdamW lr 1e-3, min 1e-5, warmup 10 epochs from 1e-5, timm cosine stepped
 per epoch over 96 epochs + 10 cooldown, weight decay 0.06, batch 16, label smoothing 0.1, mixup 0.5 /
 cutmix 0 with **prob 0.5** (switch 0.5), off from epoch 75; hflip 0.5 + SNNAugmentWide on all frames;
 16 heads, LIF tau 1.5 (the registry's DVS entry), seed 2021. Frames: SpikingJelly split_by='number'

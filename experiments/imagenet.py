@@ -8,7 +8,7 @@
 Arguments: `variant` 8-384 | 8-512 | 8-768, `family` spikingformer | spikingformer-cml (the paper's
 Spikingformer†) | spikformer, `dtype` float32 | bfloat16, `cpu`, `runlocal`.
 
-Recipe (dossier §1.1): AdamW lr 5e-4, min 1e-5, warmup 20 epochs from 1e-6, timm cosine stepped per
+Recipe (`imagenet/imagenet.yml`): AdamW lr 5e-4, min 1e-5, warmup 20 epochs from 1e-6, timm cosine stepped per
 epoch over 300 epochs + 10 cooldown, weight decay 0.05 (none on 1-D params), label smoothing 0.1,
 mixup 0.8 / cutmix 1.0 (prob 1, switch 0.5, never off), RandAugment rand-m9-mstd0.5-inc1, random
 erasing 0.25, hflip 0.5, centre-square resize to 224, eval resize 224 (crop_pct 1), 8 heads, seed 42.

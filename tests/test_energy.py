@@ -202,7 +202,7 @@ def test_spikformer_integer_residual_is_counted_as_mac():
 
 
 def test_reference_8_768_energy_from_logged_rates():
-  """The 8-768 FLOP table (traced, nothing run) with the rates of the reference's energy log (dossier §4.3)."""
+  """The 8-768 FLOP table (traced, nothing run) with the firing rates the reference logs for it."""
   model = models.per_step_stem(models.get_model('spikingformer-8-768'))  # the stem conv at each of T steps
   variables = models.abstract_variables(model, (1, 224, 224, 3))
   products = flops.model_trace(model, variables, (1, 224, 224, 3)).products

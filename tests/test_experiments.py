@@ -13,7 +13,8 @@ from spikingformer_jax import configs, data, models, optim, train
 MODULES = {'imagenet': imagenet, 'cifar10': cifar10, 'cifar100': cifar100, 'cifar10_dvs': cifar10_dvs,
            'dvs128_gesture': dvs128_gesture, 'nmnist': nmnist}
 
-# Dossier §1.1, written out here independently of the configs:
+# The reference repository's recipes (imagenet/imagenet.yml, cifar10/cifar10.yml, cifar100/cifar100.yml, and the
+# defaults of cifar10-dvs/train.py and dvs128-gesture/train.py), written out here independently of the configs:
 # (lr, min_lr, warmup_lr, warmup_epochs, epochs, cooldown, weight_decay, batch, mixup, cutmix, prob, switch,
 #  off_epoch, smoothing, randaug, heads, T, seed)
 REFERENCE = {
@@ -106,7 +107,7 @@ def test_config_mistakes_name_what_is_accepted():
     configs.validate(text)
 
 
-# Dossier §2.7, "without LN" column (our blocks have no unused LayerNorms).
+# The reference models' parameter counts without their unused LayerNorms (our blocks create none).
 @pytest.mark.parametrize('name,arg,params', [
     ('imagenet', 'variant=8-768', 66_338_632), ('cifar10', 'variant=4-384', 9_320_122),
     ('cifar100', 'variant=4-384', 9_354_772), ('cifar10_dvs', 'T=16', 2_566_666),

@@ -12,7 +12,7 @@ from jax._src.ad_checkpoint import saved_residuals
 from spikingformer_jax import audit, models, torch_mapping
 from spikingformer_jax.kernels import build
 
-# The reference doc's "without LN" column (§2.7), i.e. the reference counts minus the unused LayerNorms.
+# The reference models' parameter counts minus their unused LayerNorms (which our blocks do not create).
 EXACT_COUNTS = {
     'spikingformer-8-384': 16_816_024,
     'spikingformer-8-512': 29_689_384,

@@ -16,8 +16,8 @@ def test_the_suite_covers_the_papers_13_benchmarks_with_reported_numbers():
   assert glue == {f'glue_{t}' for t in ('mnli', 'qqp', 'qnli', 'sst2', 'cola', 'stsb', 'mrpc', 'rte')}
   paper = {b.name: b.paper for b in suite.BENCHMARKS}
   assert (paper['imagenet'], paper['cifar10'], paper['cifar100'], paper['cifar10_dvs'],
-          paper['dvs128_gesture']) == (75.85, 95.81, 79.21, 81.3, 98.3)  # dossier §4.2
-  assert all(paper[n] is None for n in glue)  # unverified: shown as '—'
+          paper['dvs128_gesture']) == (75.85, 95.81, 79.21, 81.3, 98.3)  # the reference README
+  assert all(paper[n] is None for n in glue)  # none published: shown as '—'
   for bench in suite.BENCHMARKS:  # every config loads and validates in every budget
     for budget in suite.BUDGETS:
       suite.build_config(bench, budget, minutes=1.0)

@@ -42,7 +42,7 @@ def test_matches_reference_logits_and_spikes():
 
 
 def _numpy_lif_bptt(x, g, tau=2.0, v_th=1.0, alpha=4.0):
-  """Spikes and d<spikes, g>/dx of SpikingJelly's hard-reset LIF with detach_reset (dossier §3)."""
+  """Spikes and d<spikes, g>/dx of SpikingJelly's hard-reset LIF with detach_reset (its MultiStepLIFNode)."""
   v, hs, ss = np.zeros_like(x[0]), [], []
   for x_t in x:
     h = v + (x_t - v) / tau

@@ -387,5 +387,5 @@ def dataset_info(data_cfg) -> DatasetInfo:
     num_classes = int(np.max(train.labels)) + 1
   if np.max(train.labels) >= num_classes or np.min(train.labels) < 0:
     raise DataError(f'{name}: training labels span [{np.min(train.labels)}, {np.max(train.labels)}], outside '
-                     f'[0, {num_classes}) (data.num_classes).')
+                    f'[0, {num_classes}) (data.num_classes).')
   return DatasetInfo(num_classes, tok.vocab_size, len(train), num_eval, 'classification')

@@ -384,14 +384,14 @@ def write(report: Report, out_dir) -> tuple[pathlib.Path, pathlib.Path]:
 def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '', batch_size: int = 0,
         out_dir: str = '') -> Report:
   """The CLI's work: measure `num_batches` (<= 0: all) of a split and optionally write JSON + PNG."""
-  from spikingformer_jax import configs, train  # the trainer's plumbing is only needed here
+  from spikingformer_jax import configs, tasks  # the model and data plumbing is only needed here
   configs.validate(config)
-  text = train.is_text(config)
-  if text and config.data.get('dynamic_padding', False):
+  if tasks.is_text(config) and config.data.get('dynamic_padding', False):
     config = config.copy_and_resolve_references()
     config.data.dynamic_padding = False  # one sequence length (data.max_len) for every batch
-  dm = train.data_module(config)
-  model = train.build_model(config, dm.dataset_info(config.data))
+  task = tasks.get_task(config)
+  dm = task.data_module
+  model = task.build_model(dm.dataset_info(config.data))
   split = split or config.data.eval_split
   loader = dm.make_loader(config.data, split, batch_size=batch_size or config.eval_batch_size, train=False,
                           seed=0)

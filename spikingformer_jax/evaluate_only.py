@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax
 
-from spikingformer_jax import checkpoint, configs, sharding, train
+from spikingformer_jax import checkpoint, configs, sharding, tasks, train
 
 
 def run(config, workdir, which: str = 'latest') -> dict:
@@ -14,7 +14,7 @@ def run(config, workdir, which: str = 'latest') -> dict:
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)
   mesh = sharding.make_mesh(config.mesh)
-  dm = train.data_module(config)
+  dm = tasks.get_task(config).data_module
   info = dm.dataset_info(config.data)
   source = workdir if checkpoint.has_training_checkpoints(workdir) else config.init_from
   if not source:

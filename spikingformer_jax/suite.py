@@ -250,7 +250,7 @@ def _completed_summary(path: pathlib.Path) -> dict | None:
 
 def run_benchmark(bench: Benchmark, budget: str, out: pathlib.Path, devices=None, minutes: float = 0.0) -> dict:
   """Trains and evaluates one benchmark; never raises for missing data or a failed run (the row says)."""
-  from spikingformer_jax import train  # noqa: PLC0415 (jax starts here, after flags)
+  from spikingformer_jax import tasks, train  # noqa: PLC0415 (jax starts here, after flags)
   from spikingformer_jax.data import DataError  # noqa: PLC0415
 
   workdir = out / bench.name
@@ -273,7 +273,7 @@ def run_benchmark(bench: Benchmark, budget: str, out: pathlib.Path, devices=None
       row['status'] = 'ok (finished earlier)'
     else:
       with _mock_context(bench, budget):
-        dm = train.data_module(config)
+        dm = tasks.get_task(config).data_module
         try:
           dm.dataset_info(config.data)
         except (DataError, FileNotFoundError) as e:

@@ -14,87 +14,30 @@ import signal
 import time
 from typing import Any, Callable, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from scipy import special
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from spikingformer_jax import (checkpoint, configs, cpu_runtime, data, metrics, mixup, models, optim, paths,
-                              run_lock, sharding)
+from spikingformer_jax import (checkpoint, configs, cpu_runtime, mixup, optim, paths, run_lock, sharding,
+                              tasks)
 from spikingformer_jax.metric_writer import MetricWriter
 
 State = dict  # {'step', 'params', 'batch_stats', 'opt_state'}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model, data and task plumbing.
+# The task's data pipeline, as the trainer's callers (aot.py, sweep.py) look it up.
+
+is_text = tasks.is_text
+
 
 def data_module(config):
   """The vision (`spikingformer_jax.data`) or the text (`spikingformer_jax.text.data`) pipeline."""
-  from spikingformer_jax.text import data as text_data  # noqa: PLC0415 (keeps tokenizers optional)
-  return text_data if text_data.is_text_dataset(config.data.name) else data
-
-
-def is_text(config) -> bool:
-  return config.model.name.startswith('spikingformer-text')
-
-
-def build_model(config, info):
-  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  overrides = dict(config.model.overrides)
-  if is_text(config):
-    from spikingformer_jax.text import model as text_model  # noqa: PLC0415
-    num_labels = 1 if config.task == 'regression' else config.model.num_classes
-    return text_model.get_text_model(config.model.name, vocab_size=info.vocab_size, num_labels=num_labels,
-                                      task=config.task, T=config.model.T, dtype=dtype, remat=config.model.remat,
-                                      spike_kernels=config.model.spike_kernels, **overrides)
-  if config.model.num_classes != info.num_classes:
-    raise configs.ConfigError(f'config.model.num_classes = {config.model.num_classes}, but dataset '
-                              f'{config.data.name!r} has {info.num_classes} classes.')
-  if len(info.example_shape) == 4 and info.example_shape[0] != config.model.T:
-    raise configs.ConfigError(f'config.model.T = {config.model.T}, but the event frames have '
-                              f'{info.example_shape[0]} time steps (config.data.T).')
-  return models.get_model(config.model.name, num_classes=config.model.num_classes, T=config.model.T,
-                          dtype=dtype, remat=config.model.remat, spike_kernels=config.model.spike_kernels,
-                          **overrides)
-
-
-def example_inputs(config, info) -> tuple:
-  if is_text(config):
-    length = int(config.data.get('max_len', 128))
-    ids = jnp.zeros((1, length), jnp.int32)
-    return ids, ids, jnp.ones((1, length), jnp.int32)
-  return (jnp.zeros((1,) + tuple(info.example_shape), jnp.float32),)
-
-
-def model_inputs(batch) -> tuple:
-  if 'input_ids' in batch:
-    return batch['input_ids'], batch['segment_ids'], batch['attention_mask']
-  return (batch['image'],)
-
-
-def task_loss(config, outputs, batch, soft_targets=None):
-  """Mean loss of a (micro)batch and its per-example correctness (for train accuracy)."""
-  if config.task == 'regression':
-    pred = outputs.reshape(-1).astype(jnp.float32)
-    chex.assert_equal_shape([pred, batch['label']])  # [B] against [B], never broadcast to [B, B]
-    return jnp.mean(jnp.square(pred - batch['label'])), jnp.zeros_like(pred)
-  logits = outputs.astype(jnp.float32)
-  if config.task == 'mlm':
-    w = batch['mlm_weights']
-    chex.assert_equal_shape([logits[..., 0], batch['label'], w])  # [B, L] positions
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    correct = (jnp.argmax(outputs, -1) == batch['label']) * w
-    denom = jnp.maximum(w.sum(), 1.0)
-    return jnp.sum(ce * w) / denom, correct.sum(-1) / jnp.maximum(w.sum(-1), 1.0)
-  chex.assert_equal_shape([logits, soft_targets])  # [B, classes]
-  loss = jnp.mean(optax.softmax_cross_entropy(logits, soft_targets))
-  return loss, (jnp.argmax(outputs, -1) == batch['label']).astype(jnp.float32)
+  return tasks.get_task(config).data_module
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,15 +63,15 @@ def make_train_step(ctx: StepContext):
   (spikingformer_jax.trials) pass one value per trial.
   """
   config, model = ctx.config, ctx.model
+  task = tasks.get_task(config)
   accum = int(config.grad_accum_steps)
-  use_mixup = config.task == 'classification' and not is_text(config)
   mix_cfg = config.mixup
 
   def microbatch_grads(params, batch_stats, mb, rng, epoch, hp):
-    inputs = model_inputs(mb)
+    inputs = task.model_inputs(mb)
     soft_targets = None
-    if config.task == 'classification':
-      if use_mixup:
+    if task.soft_targets:
+      if task.mixes_inputs:
         enabled = True if mix_cfg.off_epoch < 0 else epoch < mix_cfg.off_epoch
         image, soft_targets = mixup.mix_batch(
             rng, mb['image'], mb['label'], num_classes=config.model.num_classes,
@@ -141,7 +84,7 @@ def make_train_step(ctx: StepContext):
     def loss_fn(p):
       outputs, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, *inputs, train=True,
                                       mutable=['batch_stats'])
-      loss, correct = task_loss(config, outputs, mb, soft_targets)
+      loss, correct = task.loss(outputs, mb, soft_targets)
       return loss, (new_vars['batch_stats'], correct)
 
     (loss, (new_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -178,11 +121,12 @@ def make_train_step(ctx: StepContext):
 
 
 def make_eval_step(ctx: StepContext):
+  task = tasks.get_task(ctx.config)
+
   def eval_step(state: State, batch: dict):
     outputs = ctx.model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
-                              *model_inputs(batch), train=False)
-    # MLM: predicted ids instead of [B, L, vocab] logits, so the host gathers little.
-    return jnp.argmax(outputs, -1).astype(jnp.int32) if ctx.config.task == 'mlm' else outputs
+                              *task.model_inputs(batch), train=False)
+    return task.eval_output(outputs)
   return eval_step
 
 
@@ -293,36 +237,20 @@ def evaluate(eval_fn, state, loader, mesh, config, info) -> dict:
 
 def collect_outputs(eval_fn, state, loader, mesh, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(outputs, labels, mask) of the whole split, gathered from every process; outputs stack on axis 0."""
+  task = tasks.get_task(config)
   outputs, labels, masks = [], [], []
   for batch in loader:
     gbatch = sharding.global_batch(batch, mesh)
     out = eval_fn(state, gbatch)
     outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True), np.float32))
     labels.append(np.asarray(multihost_utils.process_allgather(gbatch['label'], tiled=True)))
-    mask = gbatch['mask']
-    if config.task == 'mlm':  # Masked positions of real examples.
-      mask = gbatch['mlm_weights'] * mask[:, None]
-    masks.append(np.asarray(multihost_utils.process_allgather(mask, tiled=True)))
+    masks.append(np.asarray(multihost_utils.process_allgather(task.eval_mask(gbatch), tiled=True)))
   return np.concatenate(outputs), np.concatenate(labels), np.concatenate(masks)
 
 
 def eval_metrics(config, out, lab, mask) -> dict:
   """The task's metrics of gathered eval outputs (mask: 1 for real examples, 0 for padding)."""
-  if config.task == 'mlm':
-    return {'mlm_accuracy': metrics.accuracy(out, lab, mask), 'num_masked_tokens': float(mask.sum())}
-  result = {}
-  if config.task == 'classification':
-    nll = -np.take_along_axis(special.log_softmax(out, -1), lab[:, None].astype(np.int64), -1)[:, 0]
-    result['loss'] = float((nll * mask).sum() / mask.sum())
-    result['top1'] = metrics.accuracy(out, lab, mask)
-    if out.shape[-1] >= 5:
-      result['top5'] = metrics.top_k_accuracy(out, lab, 5, mask)
-  task_name = config.data.get('task_name', '')
-  if task_name:
-    result.update(metrics.task_metrics(task_name, out.reshape(len(out), -1).squeeze(-1)
-                                       if config.task == 'regression' else out, lab, mask))
-  result['num_examples'] = float(mask.sum())
-  return result
+  return tasks.get_task(config).metrics(out, lab, mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,9 +326,10 @@ def plan(config, info) -> tuple[int, int]:
 def make_context(config, info) -> tuple[StepContext, tuple]:
   """The model, optimizer and schedule of `config` for dataset `info`, and an example input for init."""
   steps_per_epoch, _ = plan(config, info)
-  model = build_model(config, info)
+  task = tasks.get_task(config)
+  model = task.build_model(info)
   schedule = optim.make_schedule(config.optim, schedule_epochs(config, steps_per_epoch), steps_per_epoch)
-  example = example_inputs(config, info)
+  example = task.example_inputs(info)
   abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example, train=False)['params'])
   tx = optim.make_optimizer(config.optim, schedule, abstract_params, config.freeze)
   return StepContext(model, tx, config, steps_per_epoch, schedule), example
@@ -582,7 +511,7 @@ def format_eval_line(config, epoch: int, step: int, result: dict, examples_per_s
   values = ' '.join(f'{k} {result[k]:.4g}' for k in names if k in result)
   if examples_per_sec is None:
     return f'epoch {epoch} step {step}: {values}'
-  unit = 'sequences/s' if is_text(config) else 'img/s'
+  unit = 'sequences/s' if tasks.is_text(config) else 'img/s'
   return f'epoch {epoch} step {step}: {values} ({examples_per_sec:,.0f} {unit})'
 
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from spikingformer_jax import layers, neurons
+from spikingformer_jax.configs import TASKS
 
-TASKS = ('classification', 'regression', 'mlm')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # BERT's initialiser for embeddings and task heads (the blocks keep layers.py's PyTorch inits).
 _bert_init = nn.initializers.truncated_normal(0.02)

@@ -2,7 +2,8 @@
 
 timm semantics (its `CosineLRScheduler`, which the reference's train.py uses): the cosine runs over t in
 [0, num_epochs] and the linear warmup from `warmup_lr` *overrides* its first `warmup_epochs`; after
-`num_epochs` the LR stays at `min_lr` for `cooldown_epochs`. timm steps the schedule once per epoch (`per_epoch_schedule=True`).
+`num_epochs` the LR stays at `min_lr` for `cooldown_epochs`. timm steps the schedule once per epoch
+(`per_epoch_schedule=True`).
 No weight decay on biases and other 1-D parameters (timm's `create_optimizer_v2`).
 """
 from __future__ import annotations

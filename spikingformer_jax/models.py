@@ -86,14 +86,21 @@ class ModelSpec:
   input_shape: tuple  # One example, without batch: [H, W, C] or [T, H, W, C].
 
   def build(self, **overrides) -> nn.Module:
-    kwargs = dict(self.kwargs)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Spikingformer)} - {'tau'}
-    if unknown:
-      raise ValueError(f'Unknown model override(s) {sorted(unknown)} for {self.name}.')
-    if 'tau' in overrides:
-      kwargs['lif'] = kwargs.get('lif', neurons.LIFConfig()).replace(tau=overrides.pop('tau'))
-    kwargs.update(overrides)
-    return Spikingformer(**kwargs)
+    return with_overrides(Spikingformer, self.name, self.kwargs, overrides)
+
+
+def with_overrides(module_cls, name: str, kwargs: dict, overrides: dict) -> nn.Module:
+  """`module_cls(**kwargs)` of registered model `name` with fields changed by `overrides`; `tau` sets the
+  time constant of every LIF (the `lif` field's)."""
+  fields = {f.name for f in dataclasses.fields(module_cls)} - {'parent', 'name'}
+  unknown = set(overrides) - fields - {'tau'}
+  if unknown:
+    raise ValueError(f'Unknown model override(s) {sorted(unknown)} for {name}; known: {sorted(fields)} and tau.')
+  kwargs, overrides = dict(kwargs), dict(overrides)
+  if 'tau' in overrides:
+    kwargs['lif'] = kwargs.get('lif', neurons.LIFConfig()).replace(tau=overrides.pop('tau'))
+  kwargs.update(overrides)
+  return module_cls(**kwargs)
 
 
 _FAMILIES = {'spikingformer': 'spikingformer', 'spikingformer-cml': 'cml', 'spikformer': 'spikformer'}

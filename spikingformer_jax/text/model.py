@@ -14,14 +14,13 @@ scores [B] or MLM logits [B, N, V].
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikingformer_jax import layers, neurons
+from spikingformer_jax import layers, models, neurons
 from spikingformer_jax.configs import TASKS
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -138,22 +137,14 @@ def get_text_model(name: str, **overrides) -> SpikingformerText:
   """The registered size `name` with fields changed by `overrides` (also `tau`, and dtype by name)."""
   if name not in TEXT_MODELS:
     raise ValueError(f'Unknown text model {name!r}. Registered: {", ".join(sorted(TEXT_MODELS))}.')
-  kwargs = dict(TEXT_MODELS[name])
   overrides = {_ALIASES.get(k, k): v for k, v in overrides.items()}
-  fields = {f.name for f in dataclasses.fields(SpikingformerText)} - {'parent', 'name'}
-  unknown = set(overrides) - fields - {'tau'}
-  if unknown:
-    raise ValueError(f'Unknown model override(s) {sorted(unknown)} for {name}; known: {sorted(fields)} and tau.')
-  if 'tau' in overrides:
-    kwargs['lif'] = kwargs.get('lif', neurons.LIFConfig()).replace(tau=overrides.pop('tau'))
   if isinstance(overrides.get('dtype'), str):
     if overrides['dtype'] not in _DTYPES:
       raise ValueError(f'dtype {overrides["dtype"]!r}: expected one of {sorted(_DTYPES)}.')
     overrides['dtype'] = _DTYPES[overrides['dtype']]
-  kwargs.update(overrides)
-  if kwargs.get('task', 'classification') not in TASKS:
-    raise ValueError(f'task {kwargs["task"]!r}: expected one of {TASKS}.')
-  return SpikingformerText(**kwargs)
+  if overrides.get('task', 'classification') not in TASKS:
+    raise ValueError(f'task {overrides["task"]!r}: expected one of {TASKS}.')
+  return models.with_overrides(SpikingformerText, name, TEXT_MODELS[name], overrides)
 
 
 def dummy_inputs(batch: int, length: int):

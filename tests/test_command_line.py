@@ -68,6 +68,7 @@ def test_eval_mode_evaluates_the_chosen_checkpoint_into_its_own_summary(trained)
   training_summary = (workdir / 'summary.json').read_text()
   evals = _evals(workdir)
   best_top1 = max(row['top1'] for row in evals.values())
+  assert evals[6]['top1'] < best_top1, 'the latest checkpoint must not be the best for this test to bite'
   for choice in ('4', 'best'):
     result = _cli(workdir, '--mode=eval', f'--checkpoint={choice}')
     assert result.returncode == 0, result.stderr[-3000:]

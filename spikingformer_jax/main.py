@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging as python_logging
-import os
 import sys
 
 from absl import app, flags, logging
@@ -33,15 +32,6 @@ flags.DEFINE_string('checkpoint', 'latest', '--mode=eval: the checkpoint to eval
                     'config.metric) or a step number.')
 flags.DEFINE_bool('orbax_info', False, "Keep Orbax's INFO log lines (about a thousand per short run).")
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def drop_info_from(package: str) -> python_logging.Filter:
-  """A logging filter that drops the records below WARNING that `package`'s source files log."""
-  marker = f'{os.sep}{package}{os.sep}'
-
-  def keep(record: python_logging.LogRecord) -> bool:
-    return record.levelno >= python_logging.WARNING or marker not in record.pathname
-  return keep
 
 
 def _without_closed_loop_reports(hook):
@@ -61,15 +51,15 @@ def main(argv):
   del argv
   import jax  # noqa: PLC0415 (after flags: jax config)
 
-  from spikingformer_jax import (checkpoint, compile_cache, configs, cpu_runtime, data, evaluate_only,  # noqa: PLC0415
-                                 paths, run_lock, train, weights)
+  from spikingformer_jax import (checkpoint, compile_cache, configs, console, cpu_runtime, data,  # noqa: PLC0415
+                                 evaluate_only, paths, run_lock, train, weights)
 
   cpu_runtime.apply_cpu_flags()
   compile_cache.enable()
   sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
 
   if not FLAGS.orbax_info:
-    logging.get_absl_handler().addFilter(drop_info_from('orbax'))
+    console.quiet_orbax()
   config = FLAGS.config
   logging.info('Config:\n%s', config)
   try:

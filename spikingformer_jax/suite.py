@@ -385,8 +385,9 @@ def main(argv):
   import jax  # noqa: PLC0415
   from absl import app, flags  # noqa: PLC0415
 
-  from spikingformer_jax import compile_cache, cpu_runtime  # noqa: PLC0415
+  from spikingformer_jax import compile_cache, console, cpu_runtime  # noqa: PLC0415
 
+  console.quiet_orbax()
   f = flags.FLAGS
   if f.budget == 'cpu' and f.minutes <= 0:
     raise app.UsageError('--budget=cpu needs --minutes > 0 (the wall time of each benchmark).')

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from experiments import digits
-from spikingformer_jax import configs, data, main, sharding, sweep, train
+from spikingformer_jax import configs, console, data, sharding, sweep, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Digits, 2 steps per epoch, an evaluation after each of 3 epochs (steps 2, 4, 6), each saved.
@@ -55,7 +55,7 @@ def test_training_prints_one_line_per_evaluation_saves_its_config_and_drops_orba
 
 
 def test_orbax_info_filter_keeps_warnings_and_other_packages():
-  keep = main.drop_info_from('orbax')
+  keep = console.drop_info_from('orbax')
   record = lambda level, path: logging.LogRecord('absl', level, path, 1, 'message', (), None)
   assert not keep(record(logging.INFO, '/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py'))
   assert keep(record(logging.WARNING, '/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py'))

@@ -473,7 +473,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
           metrics_for_ckpt = {k: float(v) for k, v in last_eval.items()} or None
           if pidx == 0:
             throughput = examples_since_eval / (time.perf_counter() - eval_t0) if examples_since_eval else None
-            line = format_eval_line(config, step // steps_per_epoch, step, last_eval, throughput)
+            line = format_eval_line(config, math.ceil(step / steps_per_epoch), step, last_eval, throughput)
             if bar is not None:
               bar.write(line)
             else:
@@ -505,8 +505,9 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
 
 
 def format_eval_line(config, epoch: int, step: int, result: dict, examples_per_sec: float | None) -> str:
-  """`epoch 3 step 135: top1 0.9889 loss 0.041 (1,234 img/s)`: config.metric first, 4 significant digits, and
-  the training throughput since the last evaluation (None: no step to time, e.g. only the compiling one)."""
+  """`epoch 3 step 135: top1 0.9889 loss 0.041 (1,234 img/s)`: the epoch the step ends or falls in (from 1),
+  config.metric first, 4 significant digits, and the training throughput since the last evaluation (None: no
+  step to time, e.g. only the compiling one)."""
   names = [config.metric] + [k for k in ('loss',) if k != config.metric]
   values = ' '.join(f'{k} {result[k]:.4g}' for k in names if k in result)
   if examples_per_sec is None:

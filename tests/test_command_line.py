@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from experiments import digits
+from experiments import digits, glue
 from spikingformer_jax import configs, console, data, sharding, sweep, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,6 +52,16 @@ def test_training_prints_one_line_per_evaluation_saves_its_config_and_drops_orba
   assert json.loads((workdir / 'config.json').read_text()) == json.loads(expected.to_json_best_effort())
   # Orbax logs ~200 INFO lines for this run (checkpoint_manager.py and others); none reach the console.
   assert 'checkpoint_manager.py' not in run.stderr and 'orbax-checkpoint version' not in run.stderr
+
+
+def test_eval_line_puts_the_selecting_metric_first_with_4_significant_digits():
+  result = {'loss': 0.0412345, 'top1': 0.988888, 'top5': 1.0}
+  assert train.format_eval_line(digits.get_config(), 3, 135, result, 1234.4) == (
+      'epoch 3 step 135: top1 0.9889 loss 0.04123 (1,234 img/s)')
+  assert train.format_eval_line(digits.get_config(), 1, 1, result, None) == 'epoch 1 step 1: top1 0.9889 loss 0.04123'
+  cola = glue.get_config('task=cola,variant=tiny')
+  assert train.format_eval_line(cola, 2, 10, {'matthews': 0.123456, 'loss': 0.6, 'top1': 0.7}, 56.0) == (
+      'epoch 2 step 10: matthews 0.1235 loss 0.6 (56 sequences/s)')
 
 
 def test_orbax_info_filter_keeps_warnings_and_other_packages():

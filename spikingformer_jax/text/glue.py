@@ -149,10 +149,14 @@ def read_glue_tfds(task_name: str, data_dir: Optional[str], split: str) -> Examp
   """
   import tensorflow_datasets as tfds  # Imported lazily: only this source needs it.
   task = get_glue_task(task_name)
+  missing = DataError(f'TFDS has no prepared glue/{task.name} in {data_dir or "its default data_dir"}.')
   try:
-    source = tfds.data_source(f'glue/{task.name}', split=split, data_dir=data_dir or None)
+    prepared = tfds.builder(f'glue/{task.name}', data_dir=data_dir or None).is_prepared()
   except tfds.core.registered.DatasetNotFoundError:  # its message lists every TFDS dataset
-    raise DataError(f'TFDS has no prepared glue/{task.name} in {data_dir or "its default data_dir"}.') from None
+    raise missing from None
+  if not prepared:  # Where TFDS's GLUE builder is registered, data_source would try to download it.
+    raise missing
+  source = tfds.data_source(f'glue/{task.name}', split=split, data_dir=data_dir or None, download=False)
   # Stripped like the TSV reader's columns (GLUE's SST-2 sentences end with a space).
   decode = lambda v: (v.decode('utf-8') if isinstance(v, bytes) else str(v)).strip()
   records = sorted((source[i] for i in range(len(source))), key=lambda r: int(r['idx']))

@@ -137,7 +137,7 @@ def table() -> str:
       batch = f'{row.batch} ({row.batch // row.chips})' + ('' if row.batch == row.bench.global_batch else ' *')
       lines.append('| ' + ' | '.join([label, row.topology, mesh, batch] + _cell(report, row)) + ' |')
       if report and 'command' in report:
-        commands.append('python ' + ' '.join(shlex.quote(c) for c in report['command']))
+        commands.append('python -m ' + ' '.join(shlex.quote(c) for c in report['command']))
   return '\n'.join(lines) + '\n\nCommands, one per row:\n\n```\n' + '\n'.join(commands) + '\n```\n'
 
 

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikingformer_jax import layers, models, neurons
+from spikingformer_jax import layers, models, neurons, sharding
 from spikingformer_jax.configs import TASKS
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -71,7 +71,7 @@ class SpikingformerText(nn.Module):
       match_embed = nn.Embed(2, self.embed_dim, embedding_init=_bert_init, param_dtype=jnp.float32,
                              name='match_embed')
       x = x + match_embed(cross_segment_match(input_ids, segment_ids, mask))
-    x = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='embed_norm')(x)
+    x = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='embed_norm')(sharding.keep_batch_split(x, 0))
     x = jnp.broadcast_to(x.astype(self.dtype)[None], (self.T, b, n, self.embed_dim))
     block_cls = layers.remat(layers.Block) if self.remat else layers.Block
     for i in range(self.depth):
@@ -116,9 +116,9 @@ class MLMHead(nn.Module):
     h = nn.LayerNorm(epsilon=1e-12, param_dtype=jnp.float32, name='norm')(h)
     bias = self.param('bias', nn.initializers.zeros, (self.vocab_size,), jnp.float32)
     if tied_table is not None:
-      return h @ tied_table.T + bias
-    return nn.Dense(self.vocab_size, use_bias=False, kernel_init=_bert_init, param_dtype=jnp.float32,
-                    name='decoder')(h) + bias
+      return sharding.keep_batch_split(h @ tied_table.T, 0) + bias
+    return sharding.keep_batch_split(nn.Dense(self.vocab_size, use_bias=False, kernel_init=_bert_init,
+                                              param_dtype=jnp.float32, name='decoder')(h), 0) + bias
 
 
 def _registry() -> dict[str, dict]:

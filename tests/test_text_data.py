@@ -1,4 +1,6 @@
 """Tokenisation, GLUE/TSV readers, the batch contract of make_loader, and MLM packing/masking."""
+import types
+
 import numpy as np
 import pytest
 
@@ -256,12 +258,15 @@ def test_tfds_records_map_to_examples(monkeypatch):
   records = [dict(premise=b'A man sleeps.', hypothesis=b'A person rests.', label=0, idx=0),
              dict(premise=b'A dog runs.', hypothesis=b'A cat sits.', label=2, idx=1)]
   calls = []
-  monkeypatch.setattr(tfds, 'data_source', lambda name, split, data_dir: calls.append((name, split)) or records)
+  prepared = types.SimpleNamespace(is_prepared=lambda: True)
+  monkeypatch.setattr(tfds, 'builder', lambda name, data_dir: calls.append(name) or prepared)
+  monkeypatch.setattr(tfds, 'data_source', lambda name, split, data_dir, download: calls.append((name, split, download))
+                      or records)
   ex = glue.read_glue_tfds('mnli', None, 'validation_matched')
-  assert calls == [('glue/mnli', 'validation_matched')]
+  assert calls == ['glue/mnli', ('glue/mnli', 'validation_matched', False)]  # never downloads
   assert ex.text_a == ['A man sleeps.', 'A dog runs.'] and ex.text_b == ['A person rests.', 'A cat sits.']
   assert ex.labels.tolist() == [0, 2] and ex.labels.dtype == np.int32
-  monkeypatch.setattr(tfds, 'data_source', lambda name, split, data_dir: [dict(records[0], label=-1)])
+  monkeypatch.setattr(tfds, 'data_source', lambda name, split, data_dir, download: [dict(records[0], label=-1)])
   with pytest.raises(ValueError, match='no labels'):
     glue.read_glue_tfds('mnli', None, 'test_matched')
 

@@ -57,12 +57,12 @@ def jax_worker(args) -> dict:
   import jax.numpy as jnp
   import optax
 
-  from spikingformer_jax import layers, models
+  from spikingformer_jax import layers, models, registry
   if args.flax_bn:
     layers.batch_norm = common.flax_batch_norm
 
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
-  model = models.get_model(MODEL, dtype=dtype, remat=args.remat, spike_kernels=args.spike_kernels)
+  model = registry.get_model(MODEL, dtype=dtype, remat=args.remat, spike_kernels=args.spike_kernels)
   images = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
   variables = jax.jit(models.init_variables, static_argnums=0)(  # as train.py: jitted init

@@ -24,13 +24,13 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from spikingformer_jax import layers, models  # noqa: E402
+from spikingformer_jax import layers, models, registry  # noqa: E402
 
 MODEL = 'spikingformer-cifar-4-384'
 
 
 def compiled_train_step(batch: int, spike_kernels: bool = False):
-  model = models.get_model(MODEL, spike_kernels=spike_kernels)
+  model = registry.get_model(MODEL, spike_kernels=spike_kernels)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
   variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from spikingformer_jax import energy, models, paths
+from spikingformer_jax import energy, models, paths, registry
 from spikingformer_jax.data import pipeline, sources
 
 MODEL = 'spikingformer-cifar-4-384'
@@ -51,7 +51,7 @@ def main():
   parser.add_argument('--out', default='benchmarks/results/spike_density.md')
   args = parser.parse_args()
 
-  model = models.get_model(MODEL, num_classes=10)
+  model = registry.get_model(MODEL, num_classes=10)
   batches = inputs(args.batch)
   variables = models.init_variables(model, jax.random.PRNGKey(2), next(iter(batches.values()))[:1])  # model_step's
   reports = {name: energy.energy_report(model, variables, [dict(image=images)], train=True)

@@ -20,7 +20,7 @@ import tempfile
 import ml_collections
 import numpy as np
 
-from spikingformer_jax import models, paths
+from spikingformer_jax import paths, registry
 
 FAMILIES = ('spikingformer', 'spikingformer-cml', 'spikformer')
 
@@ -72,9 +72,9 @@ def model_name(family: str, tag: str, variant: str) -> str:
   if family not in FAMILIES:
     raise ValueError(f'family={family!r}: expected one of {FAMILIES}.')
   name = '-'.join(p for p in (family, tag, variant) if p)
-  if name not in models.MODELS:
+  if name not in registry.MODELS:
     prefix = '-'.join(p for p in (family, tag) if p) + '-'
-    sizes = sorted(n[len(prefix):] for n in models.MODELS if n.startswith(prefix) and
+    sizes = sorted(n[len(prefix):] for n in registry.MODELS if n.startswith(prefix) and
                    n[len(prefix):].replace('-', '').isdigit())
     raise ValueError(f'variant={variant!r}: {name!r} is not a registered model; sizes for {family!r}: {sizes}.')
   return name

@@ -28,9 +28,8 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common
-from spikingformer_jax import configs, metrics
+from spikingformer_jax import configs, metrics, registry
 from spikingformer_jax.text import data, glue
-from spikingformer_jax.text import model as text_model
 
 GLUE = tuple(glue.GLUE_TASKS)
 # Single-sentence tasks: task name -> text.data dataset name.
@@ -51,8 +50,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f'task={args.task!r}: expected one of {TASKS}.')
   variant = 'tiny' if args.runlocal else args.variant
   model_name = f'spikingformer-text-{variant}'
-  if model_name not in text_model.TEXT_MODELS:
-    sizes = [m[len('spikingformer-text-'):] for m in text_model.TEXT_MODELS]
+  if model_name not in registry.MODELS:
+    sizes = [m[len('spikingformer-text-'):] for m in registry.names(registry.TEXT)]
     raise ValueError(f'variant={variant!r}: expected one of {sizes}.')
 
   c = configs.base_config()

@@ -14,17 +14,16 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common
-from spikingformer_jax import configs
+from spikingformer_jax import configs, registry
 from spikingformer_jax.text import data
-from spikingformer_jax.text import model as text_model
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = common.parse_args(arg, variant='12-768', corpus='', vocab='')
   variant = args.variant
   model_name = f'spikingformer-text-{variant}'
-  if model_name not in text_model.TEXT_MODELS:
-    sizes = [m[len('spikingformer-text-'):] for m in text_model.TEXT_MODELS]
+  if model_name not in registry.MODELS:
+    sizes = [m[len('spikingformer-text-'):] for m in registry.names(registry.TEXT)]
     raise ValueError(f'variant={variant!r}: expected one of {sizes}.')
   runlocal = args.runlocal
 

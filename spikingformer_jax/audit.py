@@ -26,7 +26,7 @@ import sys
 
 import jax
 
-from spikingformer_jax import flops, models
+from spikingformer_jax import flops, models, registry
 from spikingformer_jax.text import model as text_model
 
 
@@ -89,12 +89,12 @@ TEXT_AUDIT_LENGTH = 128  # tokens; the verdict does not depend on it (within the
 
 
 def audit_registered(name: str, **overrides) -> AuditReport:
-  """Audits a registered vision (models.MODELS) or text (text_model.TEXT_MODELS) model at batch 1."""
-  if name in text_model.TEXT_MODELS:
-    model = text_model.get_text_model(name, **overrides)
+  """Audits a registered model (vision or text) at batch 1."""
+  spec = registry.get_spec(name)
+  model = spec.build(**overrides)
+  if spec.kind == registry.TEXT:
     return audit(model, (1, min(TEXT_AUDIT_LENGTH, model.max_len)), name)
-  spec = models.get_spec(name)
-  return audit(spec.build(**overrides), (1,) + tuple(spec.input_shape), name)
+  return audit(model, (1,) + tuple(spec.input_shape), name)
 
 
 def run(name: str, expect_spike_driven: bool) -> int:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from spikingformer_jax import models
-
 TASKS = ('classification', 'regression', 'mlm')
 DTYPES = ('float32', 'bfloat16')
 
@@ -112,8 +110,8 @@ def _check_keys(config, reference, prefix=''):
 
 def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None):
   """Rejects unknown keys and impossible values with a message naming the field."""
+  from spikingformer_jax import registry  # noqa: PLC0415 (it imports the text model, which imports TASKS)
   from spikingformer_jax.text import data as text_data  # noqa: PLC0415 (keeps tokenizers optional)
-  from spikingformer_jax.text import model as text_model  # noqa: PLC0415
   text_dataset = text_data.is_text_dataset(config.data.name)
   if reference is None:
     reference = base_config()
@@ -129,9 +127,8 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
       raise ConfigError(f'config.{field} = {value!r}: expected {expected}.')
 
   need(config.task in TASKS, 'task', f'one of {TASKS}')
-  text_model_named = config.model.name in text_model.TEXT_MODELS
-  need(config.model.name in models.MODELS or text_model_named, 'model.name',
-       f'a registered model: {", ".join(sorted(models.MODELS) + sorted(text_model.TEXT_MODELS))}')
+  need(config.model.name in registry.MODELS, 'model.name', f'a registered model: {", ".join(registry.names())}')
+  text_model_named = registry.get_spec(config.model.name).kind == registry.TEXT
   if text_model_named != text_dataset:
     kinds = ('a text', 'a text') if text_model_named else ('a vision', 'an image or event')
     raise ConfigError(f'config.model.name = {config.model.name!r} is {kinds[0]} model, but config.data.name = '

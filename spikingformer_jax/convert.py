@@ -27,7 +27,7 @@ import zipfile
 import numpy as np
 from etils import epath
 
-from spikingformer_jax import models, torch_mapping, weights
+from spikingformer_jax import models, registry, torch_mapping, weights
 
 STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema')  # Auto-detection order.
 DDP_PREFIX = 'module.'
@@ -175,7 +175,7 @@ def resolve_overrides(state: dict, variant: str, requested: dict) -> dict:
   embed_dim and mlp_ratio must match the variant or the explicitly requested values. num_heads
   cannot be seen in the tensors: it is the variant's unless requested.
   """
-  spec = models.get_spec(variant)
+  spec = registry.get_spec(variant)
   defaults = {f.name: f.default for f in dataclasses.fields(models.Spikingformer)}
   overrides = {k: v for k, v in requested.items() if v is not None}
   problems = []
@@ -210,7 +210,7 @@ def resolve_overrides(state: dict, variant: str, requested: dict) -> dict:
 
 
 def state_dict_to_variables(state: dict, variant: str, overrides: dict) -> dict:
-  model = models.get_model(variant, **overrides)
+  model = registry.get_model(variant, **overrides)
   shapes = weights.expected_shapes(model, variant)
   return torch_mapping.torch_to_flax(state, model, expected_shapes=shapes)
 
@@ -226,8 +226,8 @@ def torch_to_weights(torch_path, variant: str, out, *, num_classes: int | None =
   out = epath.Path(out)
   if out.exists() and not overwrite:  # Fail before the (slow) load.
     raise ConversionError(f'{out} already exists; pass --overwrite to replace it.')
-  if variant not in models.MODELS:
-    raise ConversionError(f'Unknown variant {variant!r}; registered: {", ".join(sorted(models.MODELS))}.')
+  if variant not in registry.names(registry.VISION):
+    raise ConversionError(f'Unknown variant {variant!r}; registered: {", ".join(registry.names(registry.VISION))}.')
   state = extract_state_dict(read_torch_file(torch_path), checkpoint_key, origin=str(torch_path))
   requested = dict(num_classes=num_classes, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
                    mlp_ratio=mlp_ratio)
@@ -251,7 +251,7 @@ def weights_to_torch(weights_dir, out, *, variant: str | None = None, overwrite:
   if variant and variant != meta['model_name']:
     raise ConversionError(f'--variant={variant} but {weights_dir} holds {meta["model_name"]}.')
   model = weights.build_model_from_meta(meta)
-  height, width = models.get_spec(meta['model_name']).input_shape[-3:-1]
+  height, width = registry.get_spec(meta['model_name']).input_shape[-3:-1]
   halvings = sum(model.pool)  # Each max-pool (kernel 3, stride 2, padding 1) rounds up.
   num_tokens = -(-height // 2**halvings) * -(-width // 2**halvings)
   state = torch_mapping.flax_to_torch(variables, model, with_unused_norms=True, num_tokens=num_tokens)

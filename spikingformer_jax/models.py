@@ -1,13 +1,9 @@
-"""Spikingformer, Spikingformer† (CML) and Spikformer for images and event frames, looked up by name.
+"""Spikingformer, Spikingformer† (CML) and Spikformer for images and event frames.
 
-Names: `<family>-<depth>-<dim>` for ImageNet, `<family>-cifar-<depth>-<dim>` and
-`<family>-dvs-<depth>-<dim>`, with family in {spikingformer, spikingformer-cml, spikformer}.
-`get_model(name, **overrides)` builds the Flax module; overrides change any field (num_classes,
-T, dtype, remat, ...).
+The registered sizes and their names are in registry.py (`registry.get_model(name, **overrides)`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -78,79 +74,6 @@ class Spikingformer(nn.Module):
     return x.astype(self.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """What a registry entry fixes; `build(**overrides)` returns the module."""
-  name: str
-  kwargs: dict
-  input_shape: tuple  # One example, without batch: [H, W, C] or [T, H, W, C].
-
-  def build(self, **overrides) -> nn.Module:
-    return with_overrides(Spikingformer, self.name, self.kwargs, overrides)
-
-
-def with_overrides(module_cls, name: str, kwargs: dict, overrides: dict) -> nn.Module:
-  """`module_cls(**kwargs)` of registered model `name` with fields changed by `overrides`; `tau` sets the
-  time constant of every LIF (the `lif` field's)."""
-  fields = {f.name for f in dataclasses.fields(module_cls)} - {'parent', 'name'}
-  unknown = set(overrides) - fields - {'tau'}
-  if unknown:
-    raise ValueError(f'Unknown model override(s) {sorted(unknown)} for {name}; known: {sorted(fields)} and tau.')
-  kwargs, overrides = dict(kwargs), dict(overrides)
-  if 'tau' in overrides:
-    kwargs['lif'] = kwargs.get('lif', neurons.LIFConfig()).replace(tau=overrides.pop('tau'))
-  kwargs.update(overrides)
-  return module_cls(**kwargs)
-
-
-_FAMILIES = {'spikingformer': 'spikingformer', 'spikingformer-cml': 'cml', 'spikformer': 'spikformer'}
-_DATASETS = {
-    # dataset tag: (pool stages, default classes, input shape, heads(dim), tau, extra)
-    '': ((True,) * 4, 1000, (224, 224, 3), lambda dim: 8, 2.0),
-    'cifar': ((False, False, True, True), 10, (32, 32, 3), lambda dim: 12 if dim % 12 == 0 else 8, 2.0),
-    'dvs': ((True,) * 4, 10, (16, 128, 128, 2), lambda dim: 16, 1.5),
-}
-_SIZES = {'': ('8-384', '8-512', '8-768'), 'cifar': ('4-256', '2-384', '4-384'), 'dvs': ('2-256',)}
-
-
-def _registry() -> dict[str, ModelSpec]:
-  specs = {}
-  for family, style in _FAMILIES.items():
-    for tag, sizes in _SIZES.items():
-      pool, classes, shape, heads, tau = _DATASETS[tag]
-      for size in sizes:
-        depth, dim = map(int, size.split('-'))
-        name = '-'.join(p for p in (family, tag, size) if p)
-        T = shape[0] if tag == 'dvs' else 4
-        # Spikformer's DVS model keeps tau 2 and uses scale 0.25 (ZK-Zhou/spikformer cifar10dvs/model.py).
-        spk_dvs = style == 'spikformer' and tag == 'dvs'
-        kwargs = dict(num_classes=classes, embed_dim=dim, depth=depth, num_heads=heads(dim), T=T,
-                      pool=pool, style=style, lif=neurons.LIFConfig(tau=2.0 if spk_dvs else tau),
-                      attn_scale=0.25 if spk_dvs else 0.125, reference_code=tag or 'imagenet',
-                      # Spikformer's CIFAR code projects q/k/v with biased nn.Linear (ZK-Zhou/spikformer
-                      # cifar10/model.py); its ImageNet and DVS codes use bias-free Conv1d.
-                      qkv_bias=style == 'spikformer' and tag == 'cifar')
-        specs[name] = ModelSpec(name, kwargs, shape)
-  # A tiny CPU-sized model for the embedded default (8x8 digits) and for tests.
-  specs['spikingformer-tiny'] = ModelSpec('spikingformer-tiny', dict(
-      num_classes=10, embed_dim=64, depth=1, num_heads=4, T=4, pool=(False, False, False, True),
-      style='spikingformer', lif=neurons.LIFConfig()), (8, 8, 1))
-  return specs
-
-
-MODELS: dict[str, ModelSpec] = _registry()
-
-
-def get_spec(name: str) -> ModelSpec:
-  if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}. Registered: {", ".join(sorted(MODELS))}.')
-  return MODELS[name]
-
-
-def get_model(name: str, **overrides) -> nn.Module:
-  return get_spec(name).build(**overrides)
-
-
 def per_step_stem(model: nn.Module) -> nn.Module:
   """`model` computing a static image's stem at every time step, as the reference code does.
 
@@ -175,8 +98,3 @@ def abstract_variables(model: nn.Module, example_shape: tuple) -> dict:
 def count_params(params) -> int:
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
-
-def param_count(name: str, **overrides) -> int:
-  """Exact parameter count from shapes alone (no memory, no FLOPs)."""
-  spec = get_spec(name)
-  return count_params(abstract_variables(spec.build(**overrides), (1,) + tuple(spec.input_shape))['params'])

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from scipy import special
 
-from spikingformer_jax import configs, data, metrics, models
+from spikingformer_jax import configs, data, metrics, registry
 
 TEXT_INPUTS = ('input_ids', 'segment_ids', 'attention_mask')
 
@@ -29,8 +29,12 @@ def is_text(config) -> bool:
   return text_data.is_text_dataset(config.data.name)
 
 
-def _compute_dtype(config):
-  return jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+def _build_model(config, **fields):
+  """The registered model config.model.name with the config's model fields, then `fields`, then
+  config.model.overrides."""
+  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  return registry.get_model(config.model.name, T=config.model.T, dtype=dtype, remat=config.model.remat,
+                            spike_kernels=config.model.spike_kernels, **fields, **dict(config.model.overrides))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +87,7 @@ class ImageClassification(_Classification):
     if len(info.example_shape) == 4 and info.example_shape[0] != config.model.T:
       raise configs.ConfigError(f'config.model.T = {config.model.T}, but the event frames have '
                                 f'{info.example_shape[0]} time steps (config.data.T).')
-    return models.get_model(config.model.name, num_classes=config.model.num_classes, T=config.model.T,
-                            dtype=_compute_dtype(config), remat=config.model.remat,
-                            spike_kernels=config.model.spike_kernels, **dict(config.model.overrides))
+    return _build_model(config, num_classes=config.model.num_classes)
 
   def example_inputs(self, info) -> tuple:
     return (jnp.zeros((1,) + tuple(info.example_shape), jnp.float32),)
@@ -107,12 +109,7 @@ class _TextInputs:
     return self.config.model.num_classes
 
   def build_model(self, info):
-    from spikingformer_jax.text import model as text_model  # noqa: PLC0415
-    config = self.config
-    return text_model.get_text_model(config.model.name, vocab_size=info.vocab_size, num_labels=self.num_labels(),
-                                     task=config.task, T=config.model.T, dtype=_compute_dtype(config),
-                                     remat=config.model.remat, spike_kernels=config.model.spike_kernels,
-                                     **dict(config.model.overrides))
+    return _build_model(self.config, vocab_size=info.vocab_size, num_labels=self.num_labels(), task=self.config.task)
 
   def example_inputs(self, info) -> tuple:
     del info

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from spikingformer_jax import models, paths
+from spikingformer_jax import models, paths, registry
 
 FORMAT = 'spikingformer-jax-weights'
 VERSION = 1
@@ -48,14 +48,14 @@ def build_model_from_meta(meta: dict):
   """The Flax module a weights checkpoint belongs to."""
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
   try:
-    return models.get_model(meta['model_name'], **overrides)
+    return registry.get_model(meta['model_name'], **overrides)
   except (ValueError, TypeError) as e:
     raise WeightsError(f'Cannot build model {meta["model_name"]!r} with overrides {overrides}: {e}') from None
 
 
 def expected_shapes(model, model_name: str) -> dict:
   """Flattened (collection, ..., leaf) -> shape of the model's variables, from shapes alone."""
-  shape = tuple(models.get_spec(model_name).input_shape)
+  shape = tuple(registry.get_spec(model_name).input_shape)
   if len(shape) == 4:  # Frames [T, H, W, C]: T must follow a T override.
     shape = (model.T,) + shape[1:]
   abstract = models.abstract_variables(model, (1,) + shape)
@@ -92,7 +92,7 @@ def save_weights(directory, variables: dict, *, model_name: str, model_overrides
                  overwrite: bool = False) -> epath.Path:
   """Writes `variables` ({'params', 'batch_stats'}) and their model's description to `directory`, atomically.
 
-  The variables are checked against `models.get_model(model_name, **model_overrides)` first, so a
+  The variables are checked against `registry.get_model(model_name, **model_overrides)` first, so a
   checkpoint that would not load is never written. An existing `directory` is an error unless
   `overwrite` (and then it must itself be a weights checkpoint, so a typo cannot delete other data).
   """
@@ -158,7 +158,7 @@ def read_meta(directory) -> dict:
   if meta['format'] != FORMAT or meta['version'] > VERSION:
     raise WeightsError(f'{meta_path}: format {meta["format"]!r} version {meta["version"]} is not '
                        f'{FORMAT!r} version <= {VERSION}.')
-  if meta['model_name'] not in models.MODELS:
+  if meta['model_name'] not in registry.names(registry.VISION):
     raise WeightsError(f'{meta_path}: unknown model_name {meta["model_name"]!r}.')
   return meta
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from spikingformer_jax import audit, flops, models
+from spikingformer_jax import audit, flops, registry
 from spikingformer_jax.surrogates import spike
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=4)
@@ -100,7 +100,7 @@ def test_products_inside_loops_are_refused_with_the_location():
 
 
 def test_spikingformer_macs_are_exactly_stem_and_head():
-  report = audit.audit(models.get_model('spikingformer-cifar-4-384', **SMALL), (1, 32, 32, 3))
+  report = audit.audit(registry.get_model('spikingformer-cifar-4-384', **SMALL), (1, 32, 32, 3))
   assert [(p.location, p.reads_input, p.feeds_output) for p in report.macs] == [
       ('tokenizer/stage0/conv', True, False), ('head', False, True)]
   assert report.spike_driven and not report.unexpected_macs
@@ -111,12 +111,12 @@ def test_spikingformer_macs_are_exactly_stem_and_head():
 @pytest.mark.parametrize('name, shape', [('spikingformer-cml-cifar-4-384', (1, 32, 32, 3)),
                                          ('spikingformer-cml-dvs-2-256', (1, 16, 128, 128, 2))])
 def test_cml_is_spike_driven_too(name, shape):
-  report = audit.audit(models.get_model(name, **SMALL), shape)
+  report = audit.audit(registry.get_model(name, **SMALL), shape)
   assert [p.location for p in report.macs] == ['tokenizer/stage0/conv', 'head']
 
 
 def test_spikformer_multiplies_its_integer_residual():
-  report = audit.audit(models.get_model('spikformer-cifar-4-384', **SMALL), (1, 32, 32, 3))
+  report = audit.audit(registry.get_model('spikformer-cifar-4-384', **SMALL), (1, 32, 32, 3))
   expected = {'tokenizer/stage0/conv', 'head'} | {
       f'block_{i}/{name}' for i in range(SMALL['depth'])
       for name in ('attn/q_conv/dense', 'attn/k_conv/dense', 'attn/v_conv/dense', 'mlp/mlp1_conv/dense')}
@@ -137,8 +137,8 @@ def test_full_size_imagenet_model_from_shapes_only():
 
 
 def test_remat_does_not_hide_anything():
-  plain = audit.audit(models.get_model('spikingformer-cifar-4-384', **SMALL), (1, 32, 32, 3))
-  remat = audit.audit(models.get_model('spikingformer-cifar-4-384', remat=True, **SMALL), (1, 32, 32, 3))
+  plain = audit.audit(registry.get_model('spikingformer-cifar-4-384', **SMALL), (1, 32, 32, 3))
+  remat = audit.audit(registry.get_model('spikingformer-cifar-4-384', remat=True, **SMALL), (1, 32, 32, 3))
   assert [(p.location, p.macs, p.spike_driven) for p in remat.products] == [
       (p.location, p.macs, p.spike_driven) for p in plain.products]
 
@@ -157,8 +157,7 @@ TEXT_SMALL = dict(depth=2, embed_dim=32, num_heads=4, vocab_size=50, max_len=32)
 
 @pytest.mark.parametrize('task, head', [('classification', 'head'), ('regression', 'head'), ('mlm', 'mlm_head')])
 def test_text_model_has_exactly_one_mac_the_head(task, head):
-  from spikingformer_jax.text import model as text_model
-  model = text_model.get_text_model('spikingformer-text-tiny', task=task, **TEXT_SMALL)
+  model = registry.get_model('spikingformer-text-tiny', task=task, **TEXT_SMALL)
   report = audit.audit(model, (1, 24))
   # Embedding lookups are gathers and LayerNorm has no product: nothing but the head multiplies.
   assert [(p.location, p.feeds_output) for p in report.macs] == [(head, True)]
@@ -171,7 +170,7 @@ def test_text_model_has_exactly_one_mac_the_head(task, head):
 def test_text_attention_mask_must_be_declared_binary():
   """The masked k, v (k * mask) stay spikes only because the 0/1 mask is declared binary."""
   from spikingformer_jax.text import model as text_model
-  model = text_model.get_text_model('spikingformer-text-tiny', **TEXT_SMALL)
+  model = registry.get_model('spikingformer-text-tiny', **TEXT_SMALL)
   variables = jax.eval_shape(lambda: text_model.init_variables(model, jax.random.PRNGKey(0), 1, 24))
   undeclared = flops.trace(flops.model_forward(model), variables, *flops.text_inputs(1, 24),
                            input_argnums=flops.TEXT_INPUT_ARGNUMS, root=type(model).__name__)

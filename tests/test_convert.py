@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_path
-from spikingformer_jax import convert, models, torch_mapping, weights
+from spikingformer_jax import convert, models, registry, torch_mapping, weights
 
 torch = pytest.importorskip('torch')
 
@@ -44,8 +44,8 @@ def cli_args(torch_path, variant, out, **overrides):
 
 def random_torch_state(variant, **overrides):
   """A reference-named state_dict with random values, via the mapping's reverse direction."""
-  model = models.get_model(variant, **overrides)
-  abstract = models.abstract_variables(model, (1,) + tuple(models.get_spec(variant).input_shape))
+  model = registry.get_model(variant, **overrides)
+  abstract = models.abstract_variables(model, (1,) + tuple(registry.get_spec(variant).input_shape))
   rng = np.random.default_rng(1)
   variables = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
   state = torch_mapping.flax_to_torch(variables, model, with_unused_norms=True)
@@ -188,7 +188,7 @@ def test_reference_spikformer_state_dict_round_trip_is_exact(tmp_path, code, var
     assert 'bias' not in q
   # The model runs with these weights.
   model = weights.build_model_from_meta(meta)
-  x = np.random.default_rng(0).normal(size=(1,) + models.get_spec(variant).input_shape).astype(np.float32)
+  x = np.random.default_rng(0).normal(size=(1,) + registry.get_spec(variant).input_shape).astype(np.float32)
   logits = model.apply(variables, x)
   assert logits.shape == (1, 5) and np.all(np.isfinite(logits))
 
@@ -294,7 +294,7 @@ def test_resnet_state_dict_is_rejected_listing_every_key(tmp_path):
   with pytest.raises(convert.ConversionError) as info:
     convert.main(cli_args(tmp_path / 'resnet.pth', 'spikingformer-8-768', tmp_path / 'w'))
   message = str(info.value)
-  model = models.get_model('spikingformer-8-768')
+  model = registry.get_model('spikingformer-8-768')
   for rule in torch_mapping.rules_for(model):
     assert f'missing key {rule.torch_key!r}' in message
   for key in resnet:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spikingformer_jax import energy, flops, models
+from spikingformer_jax import energy, flops, models, registry
 
 E_MAC, E_AC = 4.6, 0.9
 
@@ -90,7 +90,7 @@ CASES = {
 @pytest.fixture(scope='module', params=sorted(CASES))
 def measured(request):
   name, overrides, shape = CASES[request.param]
-  model = models.get_model(name, **overrides)
+  model = registry.get_model(name, **overrides)
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (6,) + shape))
   variables = lively_variables(model, shape)
   garbage = 50.0 * np.ones((2,) + shape, np.float32)  # padded examples that would change every rate
@@ -136,7 +136,7 @@ def test_training_mode_rates_use_each_batch_statistics():
   """train=True: every batch is normalised with its own real examples' BatchNorm statistics (masked ones
   excluded), so the SOPs are the example-weighted mean of per-batch hand computations in training mode."""
   name, overrides, shape = CASES['kv_first']
-  model = models.get_model(name, **overrides)
+  model = registry.get_model(name, **overrides)
   variables = lively_variables(model, shape, gain=1.0)
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (6,) + shape))
   garbage = 50.0 * np.ones((1,) + shape, np.float32)
@@ -184,7 +184,7 @@ def test_table_of_a_small_model_uses_small_units(measured):
 
 
 def test_spikformer_integer_residual_is_counted_as_mac():
-  model = models.get_model('spikformer-cifar-4-384', depth=1, embed_dim=32, num_heads=4)
+  model = registry.get_model('spikformer-cifar-4-384', depth=1, embed_dim=32, num_heads=4)
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3)))
   variables = lively_variables(model, (32, 32, 3))
   _, state = forward(model)(variables, jnp.asarray(x))
@@ -203,7 +203,7 @@ def test_spikformer_integer_residual_is_counted_as_mac():
 
 def test_reference_8_768_energy_from_logged_rates():
   """The 8-768 FLOP table (traced, nothing run) with the firing rates the reference logs for it."""
-  model = models.per_step_stem(models.get_model('spikingformer-8-768'))  # the stem conv at each of T steps
+  model = models.per_step_stem(registry.get_model('spikingformer-8-768'))  # the stem conv at each of T steps
   variables = models.abstract_variables(model, (1, 224, 224, 3))
   products = flops.model_trace(model, variables, (1, 224, 224, 3)).products
   depth = 8
@@ -239,7 +239,7 @@ def test_bad_inputs_are_rejected():
   product = flops.Product(0, 'x', 'dot_general', 10, (flops.Operand((1,), True, True),) * 2, False)
   with pytest.raises(ValueError, match='not in \\[0, 1\\]'):
     energy.layer_energy(product, 1.5)
-  model = models.get_model('spikingformer-tiny')
+  model = registry.get_model('spikingformer-tiny')
   with pytest.raises(ValueError, match='"image"'):
     energy.measure(model, {}, [dict(pixels=np.zeros((1, 8, 8, 1)))])
   with pytest.raises(ValueError, match='mask shape'):
@@ -306,7 +306,7 @@ def real_token_rate(spikes, mask):
 
 @pytest.fixture(scope='module')
 def text_measured():
-  model = text_model.get_text_model('spikingformer-text-tiny', **TEXT)
+  model = registry.get_model('spikingformer-text-tiny', **TEXT)
   variables = lively_text_variables(model)
   rng = np.random.default_rng(3)
   ids = rng.integers(1, TEXT['vocab_size'], (5, 12)).astype(np.int32)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import shared_path
 from experiments import cifar10, cifar10_dvs, cifar100, common, digits, dvs128_gesture, glue, imagenet, nmnist
-from spikingformer_jax import configs, data, models, optim, train
+from spikingformer_jax import configs, data, optim, registry, train
 
 MODULES = {'imagenet': imagenet, 'cifar10': cifar10, 'cifar100': cifar100, 'cifar10_dvs': cifar10_dvs,
            'dvs128_gesture': dvs128_gesture, 'nmnist': nmnist}
@@ -61,7 +61,7 @@ def test_every_config_and_family_validates(name, family):
   for arg in (f'family={family}', f'family={family},runlocal'):
     c = MODULES[name].get_config(arg)
     configs.validate(c)
-    assert c.model.name.startswith(family + '-') and c.model.name in models.MODELS
+    assert c.model.name.startswith(family + '-') and c.model.name in registry.MODELS
   if family == 'spikformer' and name == 'cifar10':
     assert MODULES[name].get_config('family=spikformer').model.name == 'spikformer-cifar-4-384'
 
@@ -115,7 +115,7 @@ def test_config_mistakes_name_what_is_accepted():
 def test_full_size_models_build_with_the_reference_parameter_counts(name, arg, params):
   c = MODULES[name].get_config(arg)
   overrides = dict(c.model.overrides)
-  assert models.param_count(c.model.name, num_classes=c.model.num_classes, T=c.model.T, **overrides) == params
+  assert registry.param_count(c.model.name, num_classes=c.model.num_classes, T=c.model.T, **overrides) == params
 
 
 def _one_step(config, tmp_path):
@@ -172,7 +172,7 @@ def test_cpu_configs_cut_the_recipes_to_a_wall_time_budget():
   assert c.mixup.mixup_alpha == c.mixup.cutmix_alpha == 0.0 and c.model.spike_kernels
   assert c.data.name == 'cifar10_sample' and c.eval_every_epochs >= c.num_epochs  # one evaluation, at the end
   assert cifar10.get_config('variant=2-256').model.overrides.depth == 2
-  assert models.param_count(c.model.name, num_classes=10, T=4, **dict(c.model.overrides)) < 4_152_106  # < 4-256
+  assert registry.param_count(c.model.name, num_classes=10, T=4, **dict(c.model.overrides)) < 4_152_106  # < 4-256
   events = nmnist.get_config('cpu')
   configs.validate(events)
   assert (events.data.name, events.data.T, events.model.T, events.optim.lr, events.data.augment.snn_augment) == (

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from spikingformer_jax import configs, flops, kernels, models, train
+from spikingformer_jax import configs, flops, kernels, models, registry, train
 from spikingformer_jax.kernels import build
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def test_adapters_use_the_kernels_only_where_they_apply():
 def test_model_with_spike_kernels_trains_like_the_xla_model():
   """Same parameters and forward spikes; gradients, and three SGD steps' losses and parameters, agree."""
   overrides = dict(depth=1, embed_dim=64, num_heads=4, T=2)
-  plain = models.get_model('spikingformer-cifar-4-384', **overrides)
-  sparse = models.get_model('spikingformer-cifar-4-384', spike_kernels=True, **overrides)
+  plain = registry.get_model('spikingformer-cifar-4-384', **overrides)
+  sparse = registry.get_model('spikingformer-cifar-4-384', spike_kernels=True, **overrides)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   labels = jnp.arange(4) % 10
   variables = models.init_variables(plain, jax.random.PRNGKey(1), images[:1])
@@ -212,7 +212,7 @@ def test_build_compiles_once_and_reuses_the_cached_library(tmp_path, monkeypatch
 
 
 def test_product_analysis_refuses_the_kernels_foreign_calls():
-  model = models.get_model('spikingformer-cifar-4-384', depth=1, embed_dim=32, num_heads=2, spike_kernels=True)
+  model = registry.get_model('spikingformer-cifar-4-384', depth=1, embed_dim=32, num_heads=2, spike_kernels=True)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), jnp.zeros(x.shape)))
   with pytest.raises(ValueError, match='tokenizer/stage1.*trace the model with spike_kernels=False'):

@@ -9,7 +9,7 @@ from flax import traverse_util
 from conftest import shared_path
 from jax._src.ad_checkpoint import saved_residuals
 
-from spikingformer_jax import audit, models, torch_mapping
+from spikingformer_jax import audit, models, registry, torch_mapping
 from spikingformer_jax.kernels import build
 
 # The reference models' parameter counts minus their unused LayerNorms (which our blocks do not create).
@@ -26,13 +26,13 @@ EXACT_COUNTS = {
 
 @pytest.mark.parametrize('name', sorted(EXACT_COUNTS))
 def test_parameter_counts_equal_the_reference(name):
-  assert models.param_count(name) == EXACT_COUNTS[name]
+  assert registry.param_count(name) == EXACT_COUNTS[name]
   # The baselines have identical counts (SPS+RPE convs == the 5 tokenizer convs), except that the CIFAR
   # Spikformer's q/k/v Linears carry biases (3 * dim per block).
-  assert models.param_count(name.replace('spikingformer', 'spikingformer-cml', 1)) == EXACT_COUNTS[name]
-  spec = models.get_spec(name)
+  assert registry.param_count(name.replace('spikingformer', 'spikingformer-cml', 1)) == EXACT_COUNTS[name]
+  spec = registry.get_spec(name)
   qkv_biases = 3 * spec.kwargs['embed_dim'] * spec.kwargs['depth'] if '-cifar-' in name else 0
-  assert models.param_count(name.replace('spikingformer', 'spikformer', 1)) == EXACT_COUNTS[name] + qkv_biases
+  assert registry.param_count(name.replace('spikingformer', 'spikformer', 1)) == EXACT_COUNTS[name] + qkv_biases
 
 
 def reference_cifar_spikformer_count(depth, dim, classes, mlp_ratio=4):
@@ -53,19 +53,19 @@ def reference_cifar_spikformer_count(depth, dim, classes, mlp_ratio=4):
 def test_cifar_spikformer_count_equals_the_reference_code():
   with_norms, without_norms = reference_cifar_spikformer_count(4, 384, 10)
   assert round(without_norms / 1e6, 2) == 9.32  # The paper's 9.32M for Spikformer-4-384 on CIFAR-10.
-  assert models.param_count('spikformer-cifar-4-384') == without_norms
-  assert models.param_count('spikformer-cifar-2-384', num_classes=100) == reference_cifar_spikformer_count(2, 384,
+  assert registry.param_count('spikformer-cifar-4-384') == without_norms
+  assert registry.param_count('spikformer-cifar-2-384', num_classes=100) == reference_cifar_spikformer_count(2, 384,
                                                                                                           100)[1]
 
 
 def test_class_count_overrides_match_reference_counts():
-  assert models.param_count('spikingformer-cifar-4-384', num_classes=100) == 9_354_772
-  assert models.param_count('spikingformer-dvs-2-256', num_classes=11) == 2_566_923
+  assert registry.param_count('spikingformer-cifar-4-384', num_classes=100) == 9_354_772
+  assert registry.param_count('spikingformer-dvs-2-256', num_classes=11) == 2_566_923
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', registry.names(registry.VISION))
 def test_every_registered_model_has_the_right_output_shape(name):
-  spec = models.get_spec(name)
+  spec = registry.get_spec(name)
   model = spec.build()
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
                        models.abstract_variables(model, (2,) + spec.input_shape),
@@ -75,7 +75,7 @@ def test_every_registered_model_has_the_right_output_shape(name):
 
 def _small(name, **kw):
   kw = dict(dict(depth=1, embed_dim=32, num_heads=4), **kw)
-  return models.get_model(name, **kw)
+  return registry.get_model(name, **kw)
 
 
 def _record_linear_inputs(model, variables, x):
@@ -101,7 +101,7 @@ def _is_binary(a):
                                                       ('spikingformer-8-384', True),
                                                       ('spikformer-cifar-4-384', False)])
 def test_block_inputs_are_spikes_only_for_spikingformer(name, expect_spike_driven):
-  spec = models.get_spec(name)
+  spec = registry.get_spec(name)
   model = _small(name)
   shape = (2, 64, 64, 3) if spec.input_shape[0] == 224 else (2, 16, 16, 3)
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
@@ -220,10 +220,10 @@ def test_pytorch_default_initialisation_bounds():
 
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match='Unknown model'):
-    models.get_model('spikingformer-9-999')
+    registry.get_model('spikingformer-9-999')
   with pytest.raises(ValueError, match='Unknown model override'):
-    models.get_model('spikingformer-tiny', depht=2)
-  m = models.get_model('spikingformer-dvs-2-256')
+    registry.get_model('spikingformer-tiny', depht=2)
+  m = registry.get_model('spikingformer-dvs-2-256')
   with pytest.raises(ValueError, match='time steps'):
     jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 128, 128, 2))))
 
@@ -243,7 +243,7 @@ def test_identical_spikes_and_logits_to_the_reference(filename, name, overrides,
     build.load()  # With a compiler, a failing build fails the test instead of testing XLA's products.
   ref = np.load(shared_path('reference', 'parity', filename))
   state_dict = {k[2:]: ref[k] for k in ref.files if k.startswith('w/')}
-  model = models.get_model(name, spike_kernels=spike_kernels, **overrides)
+  model = registry.get_model(name, spike_kernels=spike_kernels, **overrides)
   x = jnp.asarray(ref['x'].transpose(0, 2, 3, 1))
   expected = traverse_util.flatten_dict(models.abstract_variables(model, x.shape))
   variables = torch_mapping.torch_to_flax(state_dict, model, {k: v.shape for k, v in expected.items()})

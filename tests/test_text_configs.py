@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
-from spikingformer_jax import configs, metrics
-from spikingformer_jax.text import data, model as text_model
+from spikingformer_jax import configs, metrics, registry
+from spikingformer_jax.text import data
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 
@@ -33,7 +33,7 @@ def test_glue_configs(task, kind, metric, classes):
   c = _load('glue').get_config(f'task={task},variant=12-768')
   configs.validate(c, _reference())
   assert (c.task, c.metric, c.model.num_classes) == (kind, metric, classes)
-  assert data.is_text_dataset(c.data.name) and c.model.name in text_model.TEXT_MODELS
+  assert data.is_text_dataset(c.data.name) and registry.get_spec(c.model.name).kind == registry.TEXT
   assert c.label_smoothing == 0.0 and c.mixup.mixup_alpha == 0.0
   assert c.metric in metrics.task_metric_names(c.data.task_name)[:1]
   if task == 'mnli':

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spikingformer_jax import layers, models
+from spikingformer_jax import layers, models, registry
 from spikingformer_jax.text import model as text_model
 
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, T=2, vocab_size=97, max_len=32)
@@ -24,7 +24,7 @@ def _inputs(rng, lengths, width, vocab=97):
 @pytest.mark.parametrize('task,num_labels,expected', [
     ('classification', 3, (4, 3)), ('regression', 1, (4,)), ('mlm', 2, (4, 12, 97))])
 def test_head_shapes(task, num_labels, expected):
-  model = text_model.get_text_model('spikingformer-text-tiny', task=task, num_labels=num_labels, **SMALL)
+  model = registry.get_model('spikingformer-text-tiny', task=task, num_labels=num_labels, **SMALL)
   variables = text_model.init_variables(model, jax.random.PRNGKey(0))
   out = model.apply(variables, *_inputs(np.random.default_rng(0), [12, 5, 9, 1], 12), train=False)
   assert out.shape == expected and out.dtype == jnp.float32
@@ -33,7 +33,7 @@ def test_head_shapes(task, num_labels, expected):
 
 def test_blocks_are_spike_driven():
   """Every Dense inside the blocks sees 0/1 inputs; every sown spike tensor is 0/1."""
-  model = text_model.get_text_model('spikingformer-text-tiny', **DEEP)
+  model = registry.get_model('spikingformer-text-tiny', **DEEP)
   variables = text_model.init_variables(model, jax.random.PRNGKey(1))
   dense_inputs = {}
 
@@ -69,7 +69,7 @@ def _trained_stats(model, variables, rng):
 @pytest.mark.parametrize('task,match', [('classification', False), ('mlm', False), ('classification', True)])
 def test_padding_invariance(task, match):  # regression pools exactly like classification
   """Appending padding (with garbage ids) changes neither outputs nor BatchNorm statistics."""
-  model = text_model.get_text_model('spikingformer-text-tiny', task=task, num_labels=3,
+  model = registry.get_model('spikingformer-text-tiny', task=task, num_labels=3,
                                     cross_segment_match=match, **DEEP)
   rng = np.random.default_rng(2)
   variables = _trained_stats(model, text_model.init_variables(model, jax.random.PRNGKey(2)), rng)
@@ -125,7 +125,7 @@ def test_cross_segment_match_feature():
   np.testing.assert_array_equal(found, _match_loops(ids, segs, mask))
   assert 0 < found.sum() < mask.sum()
   # In the model: one (2, D) embedding, and the feature reaches the logits.
-  model = text_model.get_text_model('spikingformer-text-tiny', cross_segment_match=True, **SMALL)
+  model = registry.get_model('spikingformer-text-tiny', cross_segment_match=True, **SMALL)
   variables = text_model.init_variables(model, jax.random.PRNGKey(0))
   table = variables['params']['match_embed']['embedding']
   assert table.shape == (2, SMALL['embed_dim'])
@@ -135,8 +135,8 @@ def test_cross_segment_match_feature():
 
 
 def test_tied_and_untied_mlm_heads():
-  tied = text_model.get_text_model('spikingformer-text-tiny', task='mlm', **SMALL)
-  untied = text_model.get_text_model('spikingformer-text-tiny', task='mlm', tie_embeddings=False, **SMALL)
+  tied = registry.get_model('spikingformer-text-tiny', task='mlm', **SMALL)
+  untied = registry.get_model('spikingformer-text-tiny', task='mlm', tie_embeddings=False, **SMALL)
   p_tied = text_model.init_variables(tied, jax.random.PRNGKey(0))['params']
   p_untied = text_model.init_variables(untied, jax.random.PRNGKey(0))['params']
   assert 'decoder' not in p_tied['mlm_head']
@@ -164,7 +164,7 @@ def test_bert_base_shaped_parameter_count():
   v, d, h, n_pos, layers_n, k = 30522, 768, 3072, 512, 12, 2
   block = 3 * (d * d + 2 * d) + (d * d + d + 2 * d) + (d * h + h + 2 * h) + (h * d + d + 2 * d)
   expected = v * d + n_pos * d + 2 * d + 2 * d + layers_n * block + d * k + k
-  model = text_model.get_text_model('spikingformer-text-12-768', num_classes=2)
+  model = registry.get_model('spikingformer-text-12-768', num_classes=2)
   shapes = jax.eval_shape(lambda: text_model.init_variables(model, jax.random.PRNGKey(0)))
   assert models.count_params(shapes['params']) == expected
   assert model.num_heads == 12
@@ -172,19 +172,19 @@ def test_bert_base_shaped_parameter_count():
 
 def test_bad_overrides_are_rejected():
   with pytest.raises(ValueError, match='Unknown model override'):
-    text_model.get_text_model('spikingformer-text-tiny', num_layers=3)
+    registry.get_model('spikingformer-text-tiny', num_layers=3)
   with pytest.raises(ValueError, match='task'):
-    text_model.get_text_model('spikingformer-text-tiny', task='ner')
-  with pytest.raises(ValueError, match='Unknown text model'):
-    text_model.get_text_model('spikingformer-text-99-1')
-  model = text_model.get_text_model('spikingformer-text-tiny', **dict(SMALL, max_len=8))
+    registry.get_model('spikingformer-text-tiny', task='ner')
+  with pytest.raises(ValueError, match='Unknown model'):
+    registry.get_model('spikingformer-text-99-1')
+  model = registry.get_model('spikingformer-text-tiny', **dict(SMALL, max_len=8))
   variables = text_model.init_variables(model, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='max_len'):
     model.apply(variables, *text_model.dummy_inputs(1, 9))
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  model = text_model.get_text_model('spikingformer-text-tiny', dtype='bfloat16', **SMALL)
+  model = registry.get_model('spikingformer-text-tiny', dtype='bfloat16', **SMALL)
   variables = text_model.init_variables(model, jax.random.PRNGKey(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables['params']))
   out = model.apply(variables, *_inputs(np.random.default_rng(4), [5, 8], 8))

@@ -9,7 +9,7 @@ import pytest
 from etils import epath
 from flax import traverse_util
 
-from spikingformer_jax import models, weights
+from spikingformer_jax import models, registry, weights
 
 # After a failed read, Orbax's asyncio loop reports a callback on a closed loop when it is garbage
 # collected (in whichever test that happens); harmless.
@@ -22,7 +22,7 @@ OVERRIDES = {'embed_dim': 32, 'num_heads': 4, 'num_classes': 3}
 @pytest.fixture(scope='module')
 def variables():
   """Random (not initial) values everywhere, so a mixed-up leaf cannot pass unnoticed."""
-  model = models.get_model(MODEL, **OVERRIDES)
+  model = registry.get_model(MODEL, **OVERRIDES)
   abstract = models.abstract_variables(model, (1, 8, 8, 1))
   rng = np.random.default_rng(0)
   return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)

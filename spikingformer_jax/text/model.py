@@ -10,7 +10,7 @@ reference released no language code, see text/README.md for every choice).
               mlm: mean over time -> LayerNorm -> logits against the (tied or untied) embedding
 
 `model.apply(variables, input_ids, segment_ids, attention_mask, train=...)` returns logits [B, K],
-scores [B] or MLM logits [B, N, V].
+scores [B] or MLM logits [B, N, V]. The registered sizes are in registry.py (`spikingformer-text-*`).
 """
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikingformer_jax import layers, models, neurons, sharding
+from spikingformer_jax import layers, neurons, sharding
 from spikingformer_jax.configs import TASKS
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # BERT's initialiser for embeddings and task heads (the blocks keep layers.py's PyTorch inits).
 _bert_init = nn.initializers.truncated_normal(0.02)
 
@@ -50,6 +49,11 @@ class SpikingformerText(nn.Module):
   remat: bool = False
   spike_kernels: bool = False  # The blocks' products through the sparse CPU kernels (as in models.Spikingformer).
 
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f'task {self.task!r}: expected one of {TASKS}.')
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, input_ids, segment_ids, attention_mask, train: bool = False):
     b, n = input_ids.shape
@@ -58,8 +62,6 @@ class SpikingformerText(nn.Module):
     if segment_ids.shape != (b, n) or attention_mask.shape != (b, n):
       raise ValueError(f'input_ids {input_ids.shape}, segment_ids {segment_ids.shape} and attention_mask '
                        f'{attention_mask.shape} must all be [B, N].')
-    if self.task not in TASKS:
-      raise ValueError(f'task {self.task!r}: expected one of {TASKS}.')
     mask = attention_mask.astype(jnp.int32)
     token_embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=_bert_init, param_dtype=jnp.float32,
                            name='token_embed')
@@ -119,32 +121,6 @@ class MLMHead(nn.Module):
       return sharding.keep_batch_split(h @ tied_table.T, 0) + bias
     return sharding.keep_batch_split(nn.Dense(self.vocab_size, use_bias=False, kernel_init=_bert_init,
                                               param_dtype=jnp.float32, name='decoder')(h), 0) + bias
-
-
-def _registry() -> dict[str, dict]:
-  specs = {}
-  for depth, dim in ((12, 768), (8, 768), (8, 512), (6, 512), (8, 384), (4, 256)):
-    specs[f'spikingformer-text-{depth}-{dim}'] = dict(depth=depth, embed_dim=dim, num_heads=dim // 64)
-  specs['spikingformer-text-tiny'] = dict(depth=2, embed_dim=64, num_heads=4, max_len=128)
-  return specs
-
-
-TEXT_MODELS: dict[str, dict] = _registry()
-_ALIASES = {'num_classes': 'num_labels'}  # the vision models' name for the same field
-
-
-def get_text_model(name: str, **overrides) -> SpikingformerText:
-  """The registered size `name` with fields changed by `overrides` (also `tau`, and dtype by name)."""
-  if name not in TEXT_MODELS:
-    raise ValueError(f'Unknown text model {name!r}. Registered: {", ".join(sorted(TEXT_MODELS))}.')
-  overrides = {_ALIASES.get(k, k): v for k, v in overrides.items()}
-  if isinstance(overrides.get('dtype'), str):
-    if overrides['dtype'] not in _DTYPES:
-      raise ValueError(f'dtype {overrides["dtype"]!r}: expected one of {sorted(_DTYPES)}.')
-    overrides['dtype'] = _DTYPES[overrides['dtype']]
-  if overrides.get('task', 'classification') not in TASKS:
-    raise ValueError(f'task {overrides["task"]!r}: expected one of {TASKS}.')
-  return models.with_overrides(SpikingformerText, name, TEXT_MODELS[name], overrides)
 
 
 def dummy_inputs(batch: int, length: int):

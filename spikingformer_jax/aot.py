@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spikingformer_jax import configs, data, flops, sharding, train
+from spikingformer_jax import configs, data, flops, sharding, tasks, train
 
 GIB = 1024 ** 3
 
@@ -118,15 +118,14 @@ BERT_VOCAB = 30522
 NOMINAL_TEXT_TRAIN = 1_000_000
 
 
-def nominal_info(config):
-  """DatasetInfo for compiling only: a known dataset's published sizes, else the data's own info."""
+def nominal_info(config) -> data.DatasetInfo:
+  """The DatasetInfo for compiling only: a known dataset's published sizes, else the task's pipeline's info."""
   name = config.data.name
-  if train.is_text(config):
-    from spikingformer_jax.text import data as text_data  # noqa: PLC0415
-    num_labels = config.model.num_classes
-    return text_data.DatasetInfo(num_labels, BERT_VOCAB, NOMINAL_TEXT_TRAIN, 0, config.task)
+  if tasks.is_text(config):
+    return data.DatasetInfo(num_classes=config.model.num_classes, example_shape=(), num_train=NOMINAL_TEXT_TRAIN,
+                            num_eval=0, vocab_size=BERT_VOCAB, task=config.task)
   if name not in NOMINAL_DATASETS:
-    return data.dataset_info(config.data)
+    return tasks.get_task(config).data_module.dataset_info(config.data)
   num_train, shape = NOMINAL_DATASETS[name]
   spec = data.pipeline.get_spec(name)
   if spec.kind == 'events':
@@ -134,13 +133,13 @@ def nominal_info(config):
   else:
     size = data.pipeline.augment_settings(config.data).image_size
     shape = (size, size, shape[-1]) if size else shape
-  return data.DatasetInfo(spec.num_classes, shape, num_train, 0)
+  return data.DatasetInfo(num_classes=spec.num_classes, example_shape=shape, num_train=num_train, num_eval=0)
 
 
 def batch_shapes(config, info, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global training batch, as the loaders of `train.data_module` yield it."""
+  """Shapes and dtypes of one global training batch, as the loaders of the task's `data_module` yield it."""
   b = batch_size
-  if not train.is_text(config):
+  if not tasks.is_text(config):
     return {'image': jax.ShapeDtypeStruct((b,) + tuple(info.example_shape), jnp.float32),
             'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
   length = int(config.data.max_len)

@@ -56,7 +56,7 @@ from typing import Any, Sequence
 import ml_collections
 from etils import epath
 
-from spikingformer_jax import configs, sweep_results, train, trials
+from spikingformer_jax import configs, sweep_results, tasks, train, trials
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_NAME = 120
@@ -393,7 +393,7 @@ def steps_per_epoch(runs: Sequence[Run]) -> int:
     key = json.dumps([config.data.to_dict(), config.batch_size], sort_keys=True, default=str)
     if key not in found:
       try:
-        found[key] = train.plan(config, train.data_module(config).dataset_info(config.data))[0]
+        found[key] = train.plan(config, tasks.get_task(config).data_module.dataset_info(config.data))[0]
       except Exception as e:  # noqa: BLE001 (any reason the dataset cannot be read here)
         raise SweepError(f'early_stopping.epochs: cannot read the dataset of {run.name} here to count its steps per '
                          f'epoch ({type(e).__name__}: {e}); give early_stopping.steps instead.') from None

@@ -30,17 +30,6 @@ State = dict  # {'step', 'params', 'batch_stats', 'opt_state'}
 
 
 # ---------------------------------------------------------------------------------------------------
-# The task's data pipeline, as the trainer's callers (aot.py, sweep.py) look it up.
-
-is_text = tasks.is_text
-
-
-def data_module(config):
-  """The vision (`spikingformer_jax.data`) or the text (`spikingformer_jax.text.data`) pipeline."""
-  return tasks.get_task(config).data_module
-
-
-# ---------------------------------------------------------------------------------------------------
 # The pure steps.
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +383,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
       raise configs.ConfigError(f'config.{field} (per microbatch: {value}) must be divisible by the '
                                 f'{n_dev} devices of the mesh.')
   pidx, pcount = jax.process_index(), jax.process_count()
-  dm = data_module(config)
+  dm = tasks.get_task(config).data_module
   info = dm.dataset_info(config.data)
   steps_per_epoch, total_steps = plan(config, info)
   ctx, example = make_context(config, info)

@@ -43,7 +43,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spikingformer_jax import checkpoint, compile_cache, configs, cpu_runtime, optim, run_lock, sharding, train
+from spikingformer_jax import (checkpoint, compile_cache, configs, cpu_runtime, optim, run_lock, sharding, tasks,
+                              train)
 from spikingformer_jax.metric_writer import MetricWriter
 
 # Config key -> name of the per-trial input. Every other config field must be equal across a group.
@@ -256,7 +257,7 @@ def _train_and_evaluate(trial_configs, workdirs, names, devices, stop_after_step
   if (config.batch_size // config.grad_accum_steps) % mesh.devices.size or config.eval_batch_size % mesh.devices.size:
     raise configs.ConfigError(f'config.batch_size (per microbatch) and config.eval_batch_size must be divisible by '
                               f'the {mesh.devices.size} devices of the mesh.')
-  dm = train.data_module(config)
+  dm = tasks.get_task(config).data_module
   info = dm.dataset_info(config.data)
   ctx, example = train.make_context(config, info)
 

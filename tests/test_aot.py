@@ -79,6 +79,10 @@ def test_nominal_info_needs_no_data():
   assert (info.num_classes, info.example_shape, info.num_train) == (1000, (224, 224, 3), 1_281_167)
   info = aot.nominal_info(cifar10_dvs.get_config('T=16'))
   assert (info.num_classes, info.example_shape) == (10, (16, 128, 128, 2))
+  import glue  # noqa: PLC0415
+  assert aot.nominal_info(glue.get_config('task=stsb')) == data.DatasetInfo(  # the one type, text fields set
+      num_classes=1, example_shape=(), num_train=aot.NOMINAL_TEXT_TRAIN, num_eval=0, vocab_size=aot.BERT_VOCAB,
+      task='regression')
 
 
 @needs_libtpu

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import shared_path
 from spikingformer_jax import configs
+from spikingformer_jax.data import DatasetInfo
 from spikingformer_jax.data.sources import DataError
 from spikingformer_jax.text import data, glue, mlm
 from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
@@ -137,9 +138,9 @@ def _write_toy_tsv(tmp_path, n):
 def test_eval_loader_covers_every_example_once_across_processes(tmp_path):
   _write_toy_tsv(tmp_path, 53)
   cfg = _toy_cfg(tmp_path)
-  info = data.dataset_info(cfg)
-  assert (info.num_classes, info.num_train, info.num_eval, info.task) == (3, 53, 53, 'classification')
   tok = data.get_tokenizer(cfg)
+  assert data.dataset_info(cfg) == DatasetInfo(num_classes=3, example_shape=(), num_train=53, num_eval=53,
+                                               vocab_size=tok.vocab_size, task='classification')  # one type, both pipelines
   expected = [tok.encode(line.split('\t')[1]) for line in (tmp_path / 'dev.tsv').read_text().split('\n')[1:-1]]
   per_process = [list(data.make_loader(cfg, 'validation', batch_size=16, train=False, seed=0, process_index=p,
                                        process_count=2)) for p in range(2)]

@@ -13,10 +13,14 @@ from spikingformer_jax.data.sources import DataError
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  num_classes: int
-  example_shape: tuple  # one example, channels-last: (H, W, C) images or (T, H, W, 2) event frames
+  """What the tasks and the trainer know of a dataset before reading a batch; this pipeline's and the text
+  pipeline's (`text.data.dataset_info`)."""
+  num_classes: int  # 1 for regression; the vocabulary size for MLM
+  example_shape: tuple  # one example, channels-last: (H, W, C) images or (T, H, W, 2) event frames; () text
   num_train: int
   num_eval: int
+  vocab_size: int = 0  # text: the tokenizer's vocabulary
+  task: str = 'classification'  # 'classification' | 'regression' | 'mlm'
 
 
 def dataset_info(data_cfg) -> DatasetInfo:

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from spikingformer_jax import paths
+from spikingformer_jax.data import DatasetInfo
 from spikingformer_jax.data.sources import DataError
 from spikingformer_jax.text import glue, mlm
 from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
@@ -41,15 +42,6 @@ SENTENCE_DATASETS = {  # name: (num_classes, language)
 MLM_DATASET = 'mlm_text'
 CHAR_VOCAB = 'char'  # data.vocab_file value: build a character vocabulary from the training text.
 _TSV_FILES = {'validation': 'dev', 'dev': 'dev', 'train': 'train', 'test': 'test'}
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  num_classes: int  # 1 for regression; the vocabulary size for MLM
-  vocab_size: int
-  num_train: int
-  num_eval: int
-  task: str  # 'classification' | 'regression' | 'mlm'
 
 
 def text_data_defaults() -> ml_collections.ConfigDict:
@@ -377,15 +369,16 @@ def dataset_info(data_cfg) -> DatasetInfo:
   train = _split_examples(data_cfg, data_cfg.train_split, True)
   num_eval = len(_split_examples(data_cfg, data_cfg.eval_split, False))
   name = data_cfg.name
+  sizes = dict(example_shape=(), num_train=len(train), num_eval=num_eval, vocab_size=tok.vocab_size)
   if name == MLM_DATASET:
-    return DatasetInfo(tok.vocab_size, tok.vocab_size, len(train), num_eval, 'mlm')
+    return DatasetInfo(num_classes=tok.vocab_size, task='mlm', **sizes)
   if name.startswith('glue/'):
     task = glue.get_glue_task(name)
-    return DatasetInfo(task.num_classes, tok.vocab_size, len(train), num_eval, task.task)
+    return DatasetInfo(num_classes=task.num_classes, task=task.task, **sizes)
   num_classes = SENTENCE_DATASETS[name][0] or _cfg(data_cfg, 'num_classes')
   if not num_classes:
     num_classes = int(np.max(train.labels)) + 1
   if np.max(train.labels) >= num_classes or np.min(train.labels) < 0:
     raise DataError(f'{name}: training labels span [{np.min(train.labels)}, {np.max(train.labels)}], outside '
                     f'[0, {num_classes}) (data.num_classes).')
-  return DatasetInfo(num_classes, tok.vocab_size, len(train), num_eval, 'classification')
+  return DatasetInfo(num_classes=num_classes, task='classification', **sizes)

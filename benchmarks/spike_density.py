@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from spikingformer_jax import energy, models, paths, registry
+from spikingformer_jax import models, paths, registry
+from spikingformer_jax.analysis import energy
 from spikingformer_jax.data import pipeline, sources
 
 MODEL = 'spikingformer-cifar-4-384'

@@ -11,9 +11,9 @@ donation). The report (printed, and written as JSON with `--out`) gives per chip
 arguments, temporaries and outputs against the chip's capacity and a FITS / DOES NOT FIT verdict (a
 step that overflows HBM is reported with XLA's figures, not raised); FLOPs and bytes accessed per
 step; the estimated step time, the examples/s/chip and the model-FLOPs utilisation it implies (model
-FLOPs from `flops.py`'s count of the forward pass, x3 for forward and backward, not XLA's count, which
-includes padding and elementwise work); the collectives by kind with their bytes; and the compile
-time. The step time is XLA's cost-model estimate (`optimal_seconds`) where it gives one, else the
+FLOPs from `analysis/flops.py`'s count of the forward pass, x3 for forward and backward, not XLA's
+count, which includes padding and elementwise work); the collectives by kind with their bytes; and the
+compile time. The step time is XLA's cost-model estimate (`optimal_seconds`) where it gives one, else the
 roofline max(FLOPs / peak, bytes / HBM bandwidth) of the chip's public figures (XLA returns a negative
 estimate for some programs). These are compiler estimates for a slice that was not used, not runs.
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from spikingformer_jax import configs, data, flops, sharding, tasks, train
+from spikingformer_jax import configs, data, sharding, tasks, train
+from spikingformer_jax.analysis import flops
 
 GIB = 1024 ** 3
 
@@ -196,7 +196,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
 
 def model_train_flops(ctx, example: tuple) -> float:
-  """Training FLOPs of one example: 2 x 3 x the forward pass's multiply-accumulates (flops.py's count)."""
+  """Training FLOPs of one example: 2 x 3 x the forward pass's multiply-accumulates (`flops.trace`'s count)."""
   variables = jax.eval_shape(lambda: ctx.model.init(jax.random.PRNGKey(0), *example, train=False))
   variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
   trace = flops.trace(flops.model_forward(ctx.model), variables, *example,

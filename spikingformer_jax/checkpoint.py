@@ -30,7 +30,8 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from spikingformer_jax import paths, weights
+from spikingformer_jax import paths
+from spikingformer_jax.porting import weights
 
 DAMAGED_DIR = 'damaged_checkpoints'
 # What Orbax, TensorStore and grain raise for missing, truncated or garbled files. Anything else

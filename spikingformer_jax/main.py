@@ -52,7 +52,8 @@ def main(argv):
   import jax  # noqa: PLC0415 (after flags: jax config)
 
   from spikingformer_jax import (checkpoint, compile_cache, configs, console, cpu_runtime, data,  # noqa: PLC0415
-                                 evaluate_only, paths, run_lock, train, weights)
+                                 evaluate_only, paths, run_lock, train)
+  from spikingformer_jax.porting import weights  # noqa: PLC0415
 
   cpu_runtime.apply_cpu_flags()
   compile_cache.enable()

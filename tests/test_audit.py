@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from spikingformer_jax import audit, flops, registry
+from spikingformer_jax import registry
+from spikingformer_jax.analysis import audit, flops
 from spikingformer_jax.surrogates import spike
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=4)
@@ -146,7 +147,7 @@ def test_remat_does_not_hide_anything():
 def test_cli_exit_status():
   assert audit.run('spikingformer-cifar-4-384', expect_spike_driven=True) == 0
   env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'spikingformer_jax.audit', '--model=spikformer-cifar-2-384',
+  result = subprocess.run([sys.executable, '-m', 'spikingformer_jax.analysis.audit', '--model=spikformer-cifar-2-384',
                            '--expect_spike_driven'], capture_output=True, text=True, timeout=120, env=env)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'NOT spike-driven' in result.stdout and 'block_0/attn/q_conv/dense' in result.stdout

@@ -12,7 +12,8 @@ import pytest
 from flax import traverse_util
 
 from conftest import shared_path
-from spikingformer_jax import convert, models, registry, torch_mapping, weights
+from spikingformer_jax import models, registry
+from spikingformer_jax.porting import convert, torch_mapping, weights
 
 torch = pytest.importorskip('torch')
 
@@ -391,10 +392,10 @@ def test_without_torch_the_cli_says_what_to_install(tmp_path):
   """torch is optional: the package imports without it, and the converter explains what is missing."""
   script = ('import runpy, sys\n'
             'sys.modules["torch"] = None  # makes `import torch` fail\n'
-            'from spikingformer_jax import convert, weights\n'
+            'from spikingformer_jax.porting import convert, weights\n'
             f'sys.argv = ["convert", "--torch", "{tmp_path / "x.pth"}", "--variant", "spikingformer-8-768", '
             f'"--out", "{tmp_path / "w"}"]\n'
-            'runpy.run_module("spikingformer_jax.convert", run_name="__main__")\n')
+            'runpy.run_module("spikingformer_jax.porting.convert", run_name="__main__")\n')
   env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=120)
   assert result.returncode == 1

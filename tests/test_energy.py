@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spikingformer_jax import energy, flops, models, registry
+from spikingformer_jax import models, registry
+from spikingformer_jax.analysis import energy, flops
 
 E_MAC, E_AC = 4.6, 0.9
 
@@ -252,7 +253,7 @@ def test_cli_on_digits(tmp_path):
   repo = pathlib.Path(__file__).resolve().parents[1]
   out = tmp_path / 'energy'
   result = subprocess.run(
-      [sys.executable, '-m', 'spikingformer_jax.energy', f'--config={repo / "experiments" / "digits.py"}',
+      [sys.executable, '-m', 'spikingformer_jax.analysis.energy', f'--config={repo / "experiments" / "digits.py"}',
        '--batches=2', '--batch_size=16', f'--out={out}'],
       capture_output=True, text=True, timeout=300, cwd=repo,
       env=dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS='cpu'))

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from spikingformer_jax import checkpoint, data, run_lock, sharding, sweep, train, weights
+from spikingformer_jax import checkpoint, data, run_lock, sharding, sweep, train
+from spikingformer_jax.porting import weights
 from test_multihost import FAST_COMPILE, OVERRIDES, REPO, _flags, _free_port
 
 sys.path.insert(0, os.path.join(REPO, 'experiments'))

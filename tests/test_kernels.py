@@ -11,7 +11,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from spikingformer_jax import configs, flops, kernels, models, registry, train
+from spikingformer_jax import configs, kernels, models, registry, train
+from spikingformer_jax.analysis import flops
 from spikingformer_jax.kernels import build
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

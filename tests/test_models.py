@@ -9,7 +9,9 @@ from flax import traverse_util
 from conftest import shared_path
 from jax._src.ad_checkpoint import saved_residuals
 
-from spikingformer_jax import audit, models, registry, torch_mapping
+from spikingformer_jax import models, registry
+from spikingformer_jax.analysis import audit
+from spikingformer_jax.porting import torch_mapping
 from spikingformer_jax.kernels import build
 
 # The reference models' parameter counts minus their unused LayerNorms (which our blocks do not create).

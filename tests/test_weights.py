@@ -9,7 +9,8 @@ import pytest
 from etils import epath
 from flax import traverse_util
 
-from spikingformer_jax import models, registry, weights
+from spikingformer_jax import models, registry
+from spikingformer_jax.porting import weights
 
 # After a failed read, Orbax's asyncio loop reports a callback on a closed loop when it is garbage
 # collected (in whichever test that happens); harmless.

@@ -24,7 +24,7 @@ Text models (spikingformer-text-*, batches with input_ids / segment_ids / attent
   every pixel), so all batches must have one length: the CLI turns data.dynamic_padding off.
 
 CLI:
-  python -m spikingformer_jax.energy --config=experiments/digits.py --checkpoint=DIR --batches=10 --out=DIR
+  python -m spikingformer_jax.analysis.energy --config=experiments/digits.py --checkpoint=DIR --batches=10 --out=DIR
 writes energy.json (per-layer table, per-block and total numbers, LIF firing rates) and energy.png.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spikingformer_jax import flops, layers, models
+from spikingformer_jax import layers, models
+from spikingformer_jax.analysis import flops
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9

@@ -17,7 +17,7 @@ so neither is counted; the first block's LIF turns the float embedding into spik
 exactly one MAC, the head (classification / regression Dense, or the MLM logits). The 0/1
 attention mask is declared binary (flops.TEXT_BINARY_ARGNUMS), so the masked k and v stay spikes.
 
-CLI: python -m spikingformer_jax.audit --model=spikingformer-cifar-4-384 [--expect_spike_driven]
+CLI: python -m spikingformer_jax.analysis.audit --model=spikingformer-cifar-4-384 [--expect_spike_driven]
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import sys
 
 import jax
 
-from spikingformer_jax import flops, models, registry
+from spikingformer_jax import models, registry
+from spikingformer_jax.analysis import flops
 from spikingformer_jax.text import model as text_model
 
 

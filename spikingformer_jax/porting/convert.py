@@ -1,7 +1,7 @@
 """Converts the reference PyTorch checkpoints to weights checkpoints, and back.
 
-  python -m spikingformer_jax.convert --torch=checkpoint-284.pth.tar --variant=spikingformer-8-768 --out=DIR
-  python -m spikingformer_jax.convert --reverse --weights=DIR --out=model.pth
+  python -m spikingformer_jax.porting.convert --torch=checkpoint-284.pth.tar --variant=spikingformer-8-768 --out=DIR
+  python -m spikingformer_jax.porting.convert --reverse --weights=DIR --out=model.pth
 
 Forward: reads a timm checkpoint dict (weights under 'state_dict', else 'model', else
 'state_dict_ema'; `--checkpoint_key` picks one) or a bare state_dict, strips a DDP 'module.'
@@ -27,7 +27,8 @@ import zipfile
 import numpy as np
 from etils import epath
 
-from spikingformer_jax import models, registry, torch_mapping, weights
+from spikingformer_jax import models, registry
+from spikingformer_jax.porting import torch_mapping, weights
 
 STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema')  # Auto-detection order.
 DDP_PREFIX = 'module.'
@@ -270,7 +271,7 @@ def weights_to_torch(weights_dir, out, *, variant: str | None = None, overwrite:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m spikingformer_jax.convert', description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='python -m spikingformer_jax.porting.convert', description=__doc__.split('\n')[0])
   p.add_argument('--torch', help='PyTorch checkpoint to convert (forward direction).')
   p.add_argument('--weights', help='weights checkpoint directory to export (with --reverse).')
   p.add_argument('--out', required=True, help='what to write: a weights directory, or with --reverse a .pth file.')

@@ -29,8 +29,8 @@ class ModelSpec:
   name: str
   module: type[nn.Module]  # models.Spikingformer or text_model.SpikingformerText
   kwargs: dict
-  # One example without batch: images [H, W, C], event frames [T, H, W, C], or token ids [L] (text takes
-  # any length up to its max_len; L is the one shape-only uses such as `param_count` trace).
+  # One example without batch: images [H, W, C], event frames [T, H, W, C], or token ids [L] (a text model
+  # takes any length up to its max_len; this L is the one shape-only uses such as `param_count` trace).
   input_shape: tuple
 
   @property

@@ -32,8 +32,7 @@ def is_text(config) -> bool:
 def _build_model(config, **fields):
   """The registered model config.model.name with the config's model fields, then `fields`, then
   config.model.overrides."""
-  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  return registry.get_model(config.model.name, T=config.model.T, dtype=dtype, remat=config.model.remat,
+  return registry.get_model(config.model.name, T=config.model.T, dtype=config.model.dtype, remat=config.model.remat,
                             spike_kernels=config.model.spike_kernels, **fields, **dict(config.model.overrides))
 
 

@@ -191,9 +191,17 @@ def test_orbax_restores_the_mlm_iterator_exactly(tmp_path, workers):
   cfg = _toy_cfg(corpus, name='mlm_text', max_len=16, mlm_holdout_every=10, max_train_examples=30,
                 num_workers=workers)
   assert data.dataset_info(cfg).num_train == 30
-  # Process 0 of 2, 3 batches of 4 rows per epoch (30 examples, global batch 8): random masks, dynamic padding.
+  # Process 0 of 2, global batches of 8 from 30 examples: the 9 batches read cross two epochs; random masks.
   orbax_round_trip(tmp_path, lambda: data.make_loader(cfg, 'train', batch_size=8, train=True, seed=2,
                                                       process_count=2), skip=2, check=7)
+
+
+def test_orbax_restores_the_classification_iterator_exactly(tmp_path):
+  from test_data_loader import orbax_round_trip  # pylint: disable=import-outside-toplevel
+  _write_toy_tsv(tmp_path, 40)
+  cfg = _toy_cfg(tmp_path, word_dropout=0.2, pad_multiple=2)  # random drops, a padded length per global batch
+  orbax_round_trip(tmp_path, lambda: data.make_loader(cfg, 'train', batch_size=8, train=True, seed=4,
+                                                      process_index=1, process_count=2))
 
 
 def test_dynamic_padding_is_the_global_batch_longest(tmp_path):

@@ -60,11 +60,12 @@ def _allow_worker_processes():
 
 
 def iterate(ds: grain.MapDataset, data_cfg) -> grain.IterDataset:
-  """Batches read ahead by `data.prefetch` threads, and by `data.num_workers` processes when positive."""
+  """Batches read ahead: `data.prefetch` of them by as many threads, or, with `data.num_workers` > 0, by each
+  of that many worker processes."""
   prefetch = max(1, int(data_cfg.get('prefetch', 2)))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
   workers = int(data_cfg.get('num_workers', 0))
   if workers <= 0:
     return it
   _allow_worker_processes()
-  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))

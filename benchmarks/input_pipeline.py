@@ -80,7 +80,7 @@ def main(argv):
   command = 'PYTHONPATH=. python benchmarks/input_pipeline.py ' + ' '.join(argv)
   machine = f'nproc={os.cpu_count()}, CPU: {cpu_model()}, Python {platform.python_version()}'
   text = '\n'.join([
-      '# Input pipeline throughput (training transform, grain DataLoader)', '',
+      '# Input pipeline throughput (training transform, grain IterDataset)', '',
       *table, '',
       f'Command: `{command.strip()}`', '',
       f'Machine: {machine}', '',

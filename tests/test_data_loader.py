@@ -1,14 +1,16 @@
 """Loaders: per-process sharding, exact resumption, eval padding/masks, sources' errors, prepare."""
 import json
 
+import grain
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import shared_path
 
 from spikingformer_jax import configs
 from spikingformer_jax import data
-from spikingformer_jax.data import prepare, sources
+from spikingformer_jax.data import batching, prepare, sources
 from test_data_events import write_aedat31, write_cifar10_dvs
 
 N = 60
@@ -59,6 +61,37 @@ def test_two_processes_get_disjoint_halves_of_the_one_process_batches(indexed_np
   assert not np.array_equal(np.sort(shards[0]), shards[0])  # shuffled
 
 
+@pytest.mark.parametrize('process_count', [2, 3])
+def test_process_batches_concatenate_to_the_global_batches(process_count):
+  stream = grain.MapDataset.range(40)  # 40 records: 3 global batches of 12, the incomplete 4th dropped
+  split = [list(batching.process_batches(stream, batch_size=12, process_index=p, process_count=process_count))
+           for p in range(process_count)]
+  whole = list(batching.process_batches(stream, batch_size=12, process_index=0, process_count=1))
+  assert len(whole) == 3 and all(len(s) == 3 for s in split)
+  for g, batch in enumerate(whole):
+    np.testing.assert_array_equal(batch, np.arange(12 * g, 12 * g + 12))
+    np.testing.assert_array_equal(np.concatenate([s[g] for s in split]), batch)
+
+
+def test_eval_padding_repeats_the_first_records_with_mask_0():
+  padded = batching.epochs(grain.MapDataset.range(3).map(lambda i: {'id': i}), train=False, seed=0,
+                           num_epochs=None, batch_size=8)
+  assert [(e['id'], e['mask']) for e in padded] == [(0, 1), (1, 1), (2, 1), (0, 0), (1, 0), (2, 0), (0, 0), (1, 0)]
+  assert {type(e['mask']) for e in padded} == {np.float32}
+
+
+def test_max_examples_takes_the_first_records(indexed_npz):
+  cfg = npz_cfg(indexed_npz, max_train_examples=24, max_eval_examples=5)
+  info = data.dataset_info(cfg)
+  assert (info.num_train, info.num_eval) == (24, 5)
+  seen = np.concatenate([ids(b) for b in data.make_loader(cfg, 'train', batch_size=8, train=True, seed=0,
+                                                           num_epochs=2)])
+  assert len(seen) == 48 and sorted(seen[:24]) == sorted(seen[24:]) == list(range(24))
+  evaluation = list(data.make_loader(cfg, 'test', batch_size=4, train=False, seed=0))
+  np.testing.assert_array_equal(np.concatenate([b['mask'] for b in evaluation]), [1] * 5 + [0] * 3)
+  np.testing.assert_array_equal(np.concatenate([ids(b) for b in evaluation]), [0, 1, 2, 3, 4, 0, 1, 2])
+
+
 def test_epochs_reshuffle_and_seed_fixes_order(indexed_npz):
   cfg = npz_cfg(indexed_npz)
   run = lambda seed: np.concatenate([ids(b) for b in data.make_loader(
@@ -83,6 +116,34 @@ def test_state_round_trip_resumes_at_the_same_batch(indexed_npz):
     got = next(resumed)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def orbax_round_trip(tmp_path, make_loader, skip=3, check=12):
+  """Saves an iterator after `skip` batches with grain's Orbax handler (as checkpoint.py does), restores it
+  into a new loader's iterator and asserts that both then give the same `check` batches."""
+  it = iter(make_loader())
+  for _ in range(skip):
+    next(it)
+  with ocp.CheckpointManager(tmp_path / 'ckpt', item_names=('data_iter',)) as manager:
+    manager.save(skip, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = [next(it) for _ in range(check)]
+    resumed = iter(make_loader())
+    manager.restore(skip, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+  for want in expected:
+    got = next(resumed)
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_orbax_restores_the_iterator_exactly(indexed_npz, tmp_path, workers):
+  cfg = npz_cfg(indexed_npz, num_workers=workers,
+                augment=ml_collections.ConfigDict(dict(enabled=True, randaug='rand-m9-n1-mstd0.4-inc1', hflip=0.5)))
+  # Process 1 of 2, 5 batches of 3 rows per epoch: the 12 batches checked cross two epoch boundaries.
+  orbax_round_trip(tmp_path, lambda: data.make_loader(cfg, 'train', batch_size=6, train=True, seed=5,
+                                                      process_index=1, process_count=2))
 
 
 def test_worker_processes_give_the_same_batches(indexed_npz):

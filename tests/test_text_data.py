@@ -181,6 +181,43 @@ def test_train_loader_shuffles_drops_remainder_and_resumes(tmp_path):
   assert all(np.array_equal(a, b['input_ids']) for a, b in zip(rest, resumed))
 
 
+@pytest.mark.parametrize('workers', [0, 1])
+def test_orbax_restores_the_mlm_iterator_exactly(tmp_path, workers):
+  from test_data_loader import orbax_round_trip  # pylint: disable=import-outside-toplevel
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  words = ['alpha', 'beta', 'gamma', 'delta', 'fox', 'dog', 'quick', 'lazy']
+  rng = np.random.default_rng(1)
+  (corpus / 'a.txt').write_text('\n'.join(' '.join(rng.choice(words, rng.integers(2, 30))) for _ in range(200)))
+  cfg = _toy_cfg(corpus, name='mlm_text', max_len=16, mlm_holdout_every=10, max_train_examples=30,
+                num_workers=workers)
+  assert data.dataset_info(cfg).num_train == 30
+  # Process 0 of 2, global batches of 8 from 30 examples: the 9 batches read cross two epochs; random masks.
+  orbax_round_trip(tmp_path, lambda: data.make_loader(cfg, 'train', batch_size=8, train=True, seed=2,
+                                                      process_count=2), skip=2, check=7)
+
+
+def test_orbax_restores_the_classification_iterator_exactly(tmp_path):
+  from test_data_loader import orbax_round_trip  # pylint: disable=import-outside-toplevel
+  _write_toy_tsv(tmp_path, 40)
+  cfg = _toy_cfg(tmp_path, word_dropout=0.2, pad_multiple=2)  # random drops, a padded length per global batch
+  orbax_round_trip(tmp_path, lambda: data.make_loader(cfg, 'train', batch_size=8, train=True, seed=4,
+                                                      process_index=1, process_count=2))
+
+
+def test_dynamic_padding_is_the_global_batch_longest(tmp_path):
+  _write_toy_tsv(tmp_path, 64)
+  cfg = _toy_cfg(tmp_path, max_len=64, pad_multiple=2)
+  whole = list(data.make_loader(cfg, 'train', batch_size=8, train=True, seed=1, num_epochs=1))
+  halves = [list(data.make_loader(cfg, 'train', batch_size=8, train=True, seed=1, num_epochs=1, process_index=p,
+                                  process_count=2)) for p in range(2)]
+  assert len({b['input_ids'].shape[1] for b in whole}) > 1  # lengths vary between global batches
+  for batch, first, second in zip(whole, *halves):
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key])
+    assert batch['attention_mask'].sum(1).max() > batch['input_ids'].shape[1] - 2  # rounded up from the longest
+
+
 def test_mlm_packing_reconstructs_the_stream():
   docs = [np.arange(10, 17, dtype=np.int32), np.array([], np.int32), np.arange(20, 25, dtype=np.int32)]
   chunks = mlm.pack_documents(docs, max_len=6, cls_id=1, sep_id=2)

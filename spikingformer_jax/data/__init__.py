@@ -25,11 +25,12 @@ class DatasetInfo:
 
 def dataset_info(data_cfg) -> DatasetInfo:
   """Class count, example shape and split sizes (after max_*_examples) of config.data's dataset."""
-  train = pipeline.open_source(data_cfg, data_cfg.train_split, data_cfg.get('max_train_examples', -1))
-  evaluation = pipeline.open_source(data_cfg, data_cfg.eval_split, data_cfg.get('max_eval_examples', -1))
+  train, train_source = pipeline.open_split(data_cfg, data_cfg.train_split, data_cfg.get('max_train_examples', -1))
+  evaluation, eval_source = pipeline.open_split(data_cfg, data_cfg.eval_split, data_cfg.get('max_eval_examples', -1))
   num_classes = pipeline.get_spec(data_cfg.name).num_classes
   if num_classes is None:  # the generic npz source: config.data.num_classes, else inferred
-    num_classes = data_cfg.get('num_classes', None) or int(max(train.labels.max(), evaluation.labels.max())) + 1
+    num_classes = data_cfg.get('num_classes', None) or int(max(train_source.labels[:len(train)].max(),
+                                                                eval_source.labels[:len(evaluation)].max())) + 1
   shapes = {split: pipeline.example_shape(data_cfg, source) for split, source in
             ((data_cfg.train_split, train), (data_cfg.eval_split, evaluation))}
   if len(set(shapes.values())) > 1:
@@ -43,7 +44,7 @@ def dataset_info(data_cfg) -> DatasetInfo:
 
 def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int,
                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
-  """A grain DataLoader of this process's rows of every global batch of `split`.
+  """A grain IterDataset of this process's rows of every global batch of `split`.
 
   Batches: dict(image=float32 [b, *example_shape] (normalised images; raw counts for event frames),
   label=int32 [b]) with b = batch_size // process_count: rows [i*b, (i+1)*b) of the global batch for

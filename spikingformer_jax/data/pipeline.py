@@ -3,14 +3,13 @@
 Augmentation settings come from the dataset's preset, overridden by any key set in
 `config.data.augment` (keys: enabled, randaug, hflip, reprob, image_size, crop_pct, mean, std,
 interpolation, snn_augment; see README.md). Randomness comes from grain's per-record rng, which is
-derived from the loader seed and the record's position, so batches do not depend on worker count.
+derived from the loader seed and the record's position in the global stream (batching.py), so batches
+depend on neither the worker nor the process count.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
-import sys
 from typing import Any, Callable
 
 import grain
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps
 
 from spikingformer_jax import paths
 from spikingformer_jax.data import augment as aug_lib
+from spikingformer_jax.data import batching
 from spikingformer_jax.data import sources
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -122,10 +122,16 @@ def get_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
-def open_source(data_cfg, split: str, max_examples: int = -1):
+def open_source(data_cfg, split: str):
   spec = get_spec(data_cfg.name)
-  source = spec.open(data_cfg, spec.split_aliases.get(split, split))
-  return sources.Subset(source, max_examples) if max_examples > 0 else source
+  return spec.open(data_cfg, spec.split_aliases.get(split, split))
+
+
+def open_split(data_cfg, split: str, max_examples: int = -1):
+  """(records, source): the split's source and its records as a grain MapDataset, the first `max_examples`
+  when positive (their labels, where the source has them: `source.labels[:len(records)]`)."""
+  source = open_source(data_cfg, split)
+  return batching.records(source, max_examples), source
 
 
 def augment_settings(data_cfg):
@@ -200,73 +206,18 @@ def preprocess_for(data_cfg, train: bool):
   return (ImagePreprocess if isinstance(settings, ImageAugment) else FramesPreprocess)(settings, train)
 
 
-def _allow_worker_processes():
-  """grain's worker processes read absl flags; outside absl.app.run they must be marked parsed."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-class GlobalBatchSampler:
-  """grain's IndexSampler over the whole source, read as global batches that every process slices.
-
-  Process p of P reads rows [p*b, (p+1)*b) of each global batch of P*b records (b = its batch), so
-  the global batches, and each record's augmentation rng (grain's, from the global position), are
-  the same for any number of processes: a 2-process run trains on exactly what a 1-process run does.
-  grain's DataLoader asks process p for indices p, p + P, p + 2P, ...; `__getitem__` maps them.
-  """
-
-  def __init__(self, num_records: int, *, per_process: int, process_index: int, process_count: int,
-               shuffle: bool, num_epochs: int | None, seed: int):
-    self._global = grain.samplers.IndexSampler(num_records=num_records, shuffle=shuffle, num_epochs=num_epochs,
-                                               seed=seed)
-    self._per_process, self._count = per_process, process_count
-    self.shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-    global_batch = per_process * process_count
-    self._len = sys.maxsize if num_epochs is None else num_epochs * num_records // global_batch * global_batch
-
-  def __repr__(self):
-    return (f'GlobalBatchSampler({self._global!r}, per_process={self._per_process}, '
-            f'shard_options={self.shard_options!r})')
-
-  def __len__(self):
-    return self._len
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < self._len:
-      raise IndexError(f'Sampler index {index} out of range [0, {self._len}).')
-    process, local = index % self._count, index // self._count
-    batch, row = divmod(local, self._per_process)
-    return self._global[(batch * self._count + process) * self._per_process + row]
-
-
 def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int,
                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
-  """A grain DataLoader of per-process batches (see spikingformer_jax.data.make_loader)."""
-  if batch_size % process_count:
-    raise ValueError(f'batch_size = {batch_size} is not divisible by the process count {process_count}.')
-  per_process = batch_size // process_count
+  """A grain IterDataset of per-process batches (see spikingformer_jax.data.make_loader)."""
   max_examples = data_cfg.get('max_train_examples' if train else 'max_eval_examples', -1)
-  source = open_source(data_cfg, split, max_examples)
-  if train:
-    if len(source) < batch_size:
-      raise ValueError(f'{data_cfg.name}[{split}] has {len(source)} examples: too few for one batch of '
-                       f'{per_process} on each of {process_count} processes.')
-  else:
-    source = sources.MaskedPadding(source, max(1, math.ceil(len(source) / batch_size)) * batch_size)
-    num_epochs = 1
-  sampler = GlobalBatchSampler(len(source), per_process=per_process, process_index=process_index,
-                               process_count=process_count, shuffle=train, num_epochs=num_epochs, seed=seed)
-  workers = int(data_cfg.get('num_workers', 0))
-  if workers > 0:
-    _allow_worker_processes()
-  prefetch = max(1, int(data_cfg.get('prefetch', 2)))
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, shard_options=sampler.shard_options,
-      operations=[preprocess_for(data_cfg, train), grain.transforms.Batch(per_process, drop_remainder=train)],
-      worker_count=workers, worker_buffer_size=prefetch,
-      read_options=grain.ReadOptions(num_threads=max(1, min(8, prefetch * 2)),
-                                     prefetch_buffer_size=prefetch * per_process))
+  ds, _ = open_split(data_cfg, split, max_examples)
+  if len(ds) < (batch_size if train else 1):
+    raise sources.DataError(f'{data_cfg.name}[{split}] has {len(ds)} examples: too few for '
+                            f'{f"one batch of {batch_size}" if train else "an evaluation"}.')
+  ds = batching.epochs(ds, train=train, seed=seed, num_epochs=num_epochs, batch_size=batch_size)
+  ds = ds.random_map(preprocess_for(data_cfg, train), seed=seed)
+  ds = batching.process_batches(ds, batch_size=batch_size, process_index=process_index, process_count=process_count)
+  return batching.iterate(ds, data_cfg)
 
 
 def example_shape(data_cfg, source) -> tuple:

@@ -63,7 +63,7 @@ class ArraySource:
     self.images = images
     self.origin = origin
 
-  def __repr__(self):  # grain checks it when restoring an iterator state: keep it stable
+  def __repr__(self):
     return f'ArraySource({self.origin!r}, examples={len(self)})'
 
   def __len__(self):
@@ -276,47 +276,3 @@ class PreparedFramesSource:
 
   def __getstate__(self):
     return {**self.__dict__, '_open': {}}
-
-
-class Subset:
-  """The first `count` examples of a source (quick runs: max_*_examples)."""
-
-  def __init__(self, source, count: int):
-    self.source, self.count = source, min(count, len(source))
-
-  def __repr__(self):
-    return f'Subset({self.source!r}, count={self.count})'
-
-  @property
-  def labels(self):
-    return self.source.labels[:self.count]
-
-  def __len__(self):
-    return self.count
-
-  def __getitem__(self, index):
-    if not 0 <= index < self.count:
-      raise IndexError(index)
-    return self.source[index]
-
-
-class MaskedPadding:
-  """Pads a source to `total` examples; adds mask 1.0 for real examples and 0.0 for the padding
-  (copies of example 0), so that every eval batch has the same shape on every process."""
-
-  def __init__(self, source, total: int):
-    if total < len(source):
-      raise ValueError(f'Padding to {total} examples would drop some of the {len(source)} examples.')
-    self.source, self.total = source, total
-
-  def __repr__(self):
-    return f'MaskedPadding({self.source!r}, total={self.total})'
-
-  def __len__(self):
-    return self.total
-
-  def __getitem__(self, index):
-    real = index < len(self.source)
-    example = dict(self.source[index if real else 0])
-    example['mask'] = np.float32(real)
-    return example

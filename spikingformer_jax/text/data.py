@@ -4,7 +4,7 @@
   input_ids, segment_ids, attention_mask  int32 [b, L]  (attention_mask 1 = real token)
   label        int32 [b] (classification) | float32 [b] (regression) | int32 [b, L] (MLM targets)
   mlm_weights  float32 [b, L]   (MLM only: 1 where a target is scored)
-  mask         float32 [b]      (eval only: 1 = real example; the last batch is padded with copies)
+  mask         float32 [b]      (eval only: 1 = real example; the last global batch is padded with copies)
 `batch_size` is the global batch: process p yields rows [p*b, (p+1)*b) of every global batch,
 b = batch_size // process_count. With `dynamic_padding`, L is the longest sequence of the *global*
 batch rounded up to `pad_multiple` (so every process agrees on L and jit sees few shapes).
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from spikingformer_jax import paths
-from spikingformer_jax.data import DatasetInfo
+from spikingformer_jax.data import DatasetInfo, batching
 from spikingformer_jax.data.sources import DataError
 from spikingformer_jax.text import glue, mlm
 from spikingformer_jax.text.tokenizer import WordPiece, build_char_vocab
@@ -234,31 +234,12 @@ def _tokenized(key: tuple, split: str) -> TokenizedExamples:
   return TokenizedExamples(tok.encode_batch(examples.text_a, examples.text_b), examples.labels)
 
 
-def _split_examples(data_cfg, split: str, train: bool) -> TokenizedExamples:
+def _split_examples(data_cfg, split: str, train: bool) -> tuple[grain.MapDataset, Optional[np.ndarray]]:
+  """The split's tokenised examples as a MapDataset (the first data.max_train_examples / max_eval_examples
+  when positive) and their labels (None for MLM)."""
   examples = _tokenized(_cache_key(data_cfg), split)
-  limit = data_cfg.get('max_train_examples' if train else 'max_eval_examples', -1)
-  if limit is not None and 0 < limit < len(examples):
-    examples = _Prefix(examples, limit)
-  return examples
-
-
-@dataclasses.dataclass(frozen=True)
-class _Prefix:
-  """The first `n` examples of a source (data.max_train_examples / max_eval_examples)."""
-  source: TokenizedExamples
-  n: int
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    if not 0 <= i < self.n:
-      raise IndexError(i)
-    return self.source[i]
-
-  @property
-  def labels(self):
-    return None if self.source.labels is None else self.source.labels[:self.n]
+  ds = batching.records(examples, data_cfg.get('max_train_examples' if train else 'max_eval_examples', -1))
+  return ds, None if examples.labels is None else examples.labels[:len(ds)]
 
 
 # ----------------------------------------------------------------------------- batching
@@ -282,46 +263,42 @@ class WordDropout(grain.transforms.RandomMap):
     return dict(element, input_ids=np.where(drop, self.mask_id, ids).astype(ids.dtype))
 
 
-class Collate:
-  """grain batch_fn: pads a global batch to a common length and keeps this process's rows.
+def _num_tokens(element: dict) -> int:
+  return len(element['input_ids'])
 
-  Eval batches (`pad_examples_to` set) are completed to the global batch size with copies of their
-  last example carrying mask 0, so every real example is seen exactly once.
+
+class Collate(grain.transforms.MapWithIndex):
+  """Pads this process's rows of global batch `index` to one length L and stacks them.
+
+  L is max_len, or with dynamic padding the longest sequence of the whole global batch rounded up to
+  pad_multiple (`longest[index]`, from token counts alone), so every process agrees on it.
   """
 
-  def __init__(self, *, max_len: int, pad_id: int, dynamic: bool, pad_multiple: int, process_index: int,
-               process_count: int, global_batch: int, is_eval: bool):
-    self.max_len, self.pad_id, self.dynamic, self.pad_multiple = max_len, pad_id, dynamic, pad_multiple
-    self.process_index, self.process_count = process_index, process_count
-    self.global_batch, self.is_eval = global_batch, is_eval
+  def __init__(self, *, max_len: int, pad_id: int, pad_multiple: int, longest: Optional[grain.MapDataset]):
+    self.max_len, self.pad_id, self.pad_multiple, self.longest = max_len, pad_id, pad_multiple, longest
 
-  def __call__(self, elements: list[dict]) -> dict:
-    real = len(elements)
-    elements = list(elements) + [elements[-1]] * (self.global_batch - real)
-    longest = max(len(e['input_ids']) for e in elements)
+  def map_with_index(self, index: int, elements: list[dict]) -> dict:
     length = self.max_len
-    if self.dynamic:
-      length = min(self.max_len, -(-longest // self.pad_multiple) * self.pad_multiple)
-    local = self.global_batch // self.process_count
-    rows = range(self.process_index * local, (self.process_index + 1) * local)
-    batch = {k: np.full((local, length), v, np.int32) for k, v in
+    if self.longest is not None:
+      length = min(self.max_len, -(-self.longest[index] // self.pad_multiple) * self.pad_multiple)
+    batch = {k: np.full((len(elements), length), v, np.int32) for k, v in
              (('input_ids', self.pad_id), ('segment_ids', 0), ('attention_mask', 0))}
     token_level_label = 'mlm_weights' in elements[0]
     if token_level_label:
-      batch['label'] = np.zeros((local, length), np.int32)
-      batch['mlm_weights'] = np.zeros((local, length), np.float32)
+      batch['label'] = np.zeros((len(elements), length), np.int32)
+      batch['mlm_weights'] = np.zeros((len(elements), length), np.float32)
     else:
-      batch['label'] = np.stack([elements[r]['label'] for r in rows])
-    for i, r in enumerate(rows):
-      e, n = elements[r], len(elements[r]['input_ids'])
+      batch['label'] = np.stack([e['label'] for e in elements])
+    for i, e in enumerate(elements):
+      n = len(e['input_ids'])
       batch['input_ids'][i, :n] = e['input_ids']
       batch['segment_ids'][i, :n] = e['segment_ids']
       batch['attention_mask'][i, :n] = 1
       if token_level_label:
         batch['label'][i, :n] = e['label']
         batch['mlm_weights'][i, :n] = e['mlm_weights']
-    if self.is_eval:
-      batch['mask'] = (np.asarray(rows) < real).astype(np.float32)
+    if 'mask' in elements[0]:
+      batch['mask'] = np.array([e['mask'] for e in elements], np.float32)
     return batch
 
 
@@ -329,22 +306,18 @@ def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int
                 process_count: int = 1, num_epochs: Optional[int] = None):
   """A grain IterDataset of batches (see the module docstring); its iterators checkpoint via get/set_state.
 
-  Train: shuffled (reshuffled every epoch), `num_epochs` passes (None = forever), incomplete last
-  global batch dropped. Eval: one ordered pass, last batch padded (mask 0).
+  The same pipeline as the image loaders (spikingformer_jax.data.batching). Train: shuffled (reshuffled
+  every epoch), `num_epochs` passes (None = forever), incomplete last global batch dropped. Eval: one
+  ordered pass, padded to whole global batches (mask 0).
   """
-  if batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} (global) must be divisible by process_count {process_count}.')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} must be in [0, {process_count}).')
   tok = get_tokenizer(data_cfg)
-  examples = _split_examples(data_cfg, split, train)
-  if len(examples) == 0:
+  ds, _ = _split_examples(data_cfg, split, train)
+  if len(ds) == 0:
     raise DataError(f'Dataset {data_cfg.name!r} split {split!r} is empty.')
-  if train and len(examples) < batch_size:
-    raise DataError(f'{data_cfg.name} {split}: {len(examples)} examples cannot fill one batch of {batch_size}.')
-  ds = grain.MapDataset.source(examples)
-  if train:
-    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  if train and len(ds) < batch_size:
+    raise DataError(f'{data_cfg.name} {split}: {len(ds)} examples cannot fill one batch of {batch_size}.')
+  ds = batching.epochs(ds, train=train, seed=seed, num_epochs=num_epochs, batch_size=batch_size)
+  longest = ds.map(_num_tokens).batch(batch_size, batch_fn=max) if _cfg(data_cfg, 'dynamic_padding') else None
   if train and _cfg(data_cfg, 'word_dropout') > 0 and data_cfg.name != MLM_DATASET:
     ds = ds.random_map(WordDropout(_cfg(data_cfg, 'word_dropout'), tok.mask_id, tok.special_ids), seed=seed)
   if data_cfg.name == MLM_DATASET:
@@ -352,22 +325,18 @@ def make_loader(data_cfg, split: str, *, batch_size: int, train: bool, seed: int
                                 _cfg(data_cfg, 'random_token_prob'))
     ds = ds.random_map(mlm.BertMasking(tok.mask_id, tok.special_ids, tok.vocab_size,
                                        masking), seed=seed)
-  collate = Collate(max_len=_cfg(data_cfg, 'max_len'), pad_id=tok.pad_id, dynamic=_cfg(data_cfg, 'dynamic_padding'),
-                    pad_multiple=_cfg(data_cfg, 'pad_multiple'), process_index=process_index,
-                    process_count=process_count, global_batch=batch_size, is_eval=not train)
-  ds = ds.batch(batch_size, drop_remainder=train, batch_fn=collate)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, data_cfg.get('prefetch', 2))))
-  workers = data_cfg.get('num_workers', 0)
-  if workers:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it
+  ds = batching.process_batches(ds, batch_size=batch_size, process_index=process_index, process_count=process_count,
+                                batch_fn=list)
+  ds = ds.map_with_index(Collate(max_len=_cfg(data_cfg, 'max_len'), pad_id=tok.pad_id,
+                                 pad_multiple=_cfg(data_cfg, 'pad_multiple'), longest=longest))
+  return batching.iterate(ds, data_cfg)
 
 
 def dataset_info(data_cfg) -> DatasetInfo:
   """Sizes and task of `data_cfg` (tokenises the train and eval splits once; later loaders reuse that)."""
   tok = get_tokenizer(data_cfg)
-  train = _split_examples(data_cfg, data_cfg.train_split, True)
-  num_eval = len(_split_examples(data_cfg, data_cfg.eval_split, False))
+  train, labels = _split_examples(data_cfg, data_cfg.train_split, True)
+  num_eval = len(_split_examples(data_cfg, data_cfg.eval_split, False)[0])
   name = data_cfg.name
   sizes = dict(example_shape=(), num_train=len(train), num_eval=num_eval, vocab_size=tok.vocab_size)
   if name == MLM_DATASET:
@@ -377,8 +346,8 @@ def dataset_info(data_cfg) -> DatasetInfo:
     return DatasetInfo(num_classes=task.num_classes, task=task.task, **sizes)
   num_classes = SENTENCE_DATASETS[name][0] or _cfg(data_cfg, 'num_classes')
   if not num_classes:
-    num_classes = int(np.max(train.labels)) + 1
-  if np.max(train.labels) >= num_classes or np.min(train.labels) < 0:
-    raise DataError(f'{name}: training labels span [{np.min(train.labels)}, {np.max(train.labels)}], outside '
+    num_classes = int(np.max(labels)) + 1
+  if np.max(labels) >= num_classes or np.min(labels) < 0:
+    raise DataError(f'{name}: training labels span [{np.min(labels)}, {np.max(labels)}], outside '
                     f'[0, {num_classes}) (data.num_classes).')
   return DatasetInfo(num_classes=num_classes, task='classification', **sizes)

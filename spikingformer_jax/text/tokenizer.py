@@ -14,11 +14,20 @@ import unicodedata
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-import tokenizers
 
 from spikingformer_jax.data.sources import DataError
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+
+
+def _bert_word_piece(vocab, lowercase: bool):
+  """HuggingFace's BertWordPieceTokenizer; `tokenizers` is the `[text]` extra, needed only for text."""
+  try:
+    import tokenizers  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError('Text datasets need the HuggingFace `tokenizers` package: '
+                      'pip install "spikingformer-jax[text]" (or tokenizers==0.22.1).') from e
+  return tokenizers.BertWordPieceTokenizer(vocab, lowercase=lowercase)
 
 
 class WordPiece:
@@ -33,7 +42,7 @@ class WordPiece:
       raise DataError(f'Vocabulary file {vocab!r} does not exist (data.vocab_file).')
     if max_len < 3:
       raise ValueError(f'max_len must be >= 3 ([CLS] x [SEP]), got {max_len}.')
-    self._tok = tokenizers.BertWordPieceTokenizer(vocab, lowercase=lowercase)
+    self._tok = _bert_word_piece(vocab, lowercase)
     self._tok.enable_truncation(max_length=max_len, strategy='longest_first')
     self.max_len = max_len
     self.vocab = self._tok.get_vocab()

@@ -108,6 +108,16 @@ def keep_batch_split(x, axis: int):
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
+def batch_shards(batch_size: int) -> int:
+  """How many devices a batch of `batch_size` is split over inside `traced_in` (1 outside, or where the
+  mesh's batch axes do not divide it)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  return shards if batch_size % shards == 0 else 1
+
+
 def global_batch(local_batch: dict, mesh) -> dict:
   """Assembles each process's numpy batch into one global array sharded over the batch axes."""
   sharding = batch_sharding(mesh)

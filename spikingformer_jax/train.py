@@ -65,7 +65,8 @@ def make_train_step(ctx: StepContext):
         image, soft_targets = mixup.mix_batch(
             rng, mb['image'], mb['label'], num_classes=config.model.num_classes,
             smoothing=hp['label_smoothing'], mixup_alpha=hp['mixup_alpha'], cutmix_alpha=hp['cutmix_alpha'],
-            prob=mix_cfg.prob, switch_prob=mix_cfg.switch_prob, enabled=enabled)
+            prob=mix_cfg.prob, switch_prob=mix_cfg.switch_prob, enabled=enabled,
+            groups=mixup.device_groups(mb['image'].shape[0], sharding.batch_shards(mb['image'].shape[0])))
         inputs = (image,)
       else:
         soft_targets = mixup.smooth_one_hot(mb['label'], config.model.num_classes, hp['label_smoothing'])
@@ -287,11 +288,12 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _progress(total, initial, enabled):
+def _progress(total, initial, enabled, timed: bool):
+  """A step counter; a run on a time budget (`timed`) has no step total to show or time to estimate."""
   if not enabled or jax.process_index() != 0:
     return None
   from tqdm.auto import tqdm  # noqa: PLC0415
-  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
+  return tqdm(total=None if timed else total, initial=initial, unit='step', dynamic_ncols=True)
 
 
 def schedule_epochs(config, steps_per_epoch: int) -> float:
@@ -413,7 +415,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
                         out_shardings=bsh)
       meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
       writer = MetricWriter(workdir, start_step)  # Drops metrics logged after start_step by an interrupted run.
-      bar = _progress(total_steps, start_step, config.progress_bar)
+      bar = _progress(total_steps, start_step, config.progress_bar, config.get('time_budget_minutes', 0.0) > 0)
       base_rng = jax.random.PRNGKey(config.seed + 1)
       best = {}
       last_eval: dict = {}

@@ -285,10 +285,11 @@ def _train_group(trial_configs, workdirs, names, mesh, should_stop, preemption, 
   repl = sharding.replicated(mesh)
   batch_spec = sharding.batch_sharding(mesh) if batches.batch_axis is None else NamedSharding(
       mesh, P(None, sharding.BATCH_AXES))
-  train_fn = jax.jit(make_trials_step(trial_ctx, batches.batch_axis),
+  train_fn = jax.jit(sharding.traced_in(mesh, make_trials_step(trial_ctx, batches.batch_axis)),
                      in_shardings=(stack_shardings, batch_spec, repl, repl),
                      out_shardings=(stack_shardings, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(make_trials_eval(ctx), in_shardings=(stack_shardings, sharding.batch_sharding(mesh)),
+  eval_fn = jax.jit(sharding.traced_in(mesh, make_trials_eval(ctx)),
+                    in_shardings=(stack_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=sharding.batch_sharding(mesh))
   keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed + 1)) for c in trial_configs])
   hp = hyperparams(trial_configs)

@@ -151,3 +151,12 @@ def test_data_parallel_step_moves_no_activations_on_cpu_devices():
   step = aot.lower_train_step(small_config(), jax.devices())
   assert step.mesh.shape == {'data': 8, 'fsdp': 1}
   assert set(aot.collectives(step.lowered.compile().as_text())) == {'all-reduce'}
+
+
+def test_mixup_keeps_examples_on_their_device():
+  """Mixup/cutmix pair examples within each device's shard (as each GPU of the reference mixes its own batch):
+  the data-parallel step still has only all-reduces (a whole-batch flip is a collective-permute of the images)."""
+  config = small_config()
+  config.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0)
+  step = aot.lower_train_step(config, jax.devices())
+  assert set(aot.collectives(step.lowered.compile().as_text())) == {'all-reduce'}

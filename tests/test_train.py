@@ -312,6 +312,31 @@ def test_mixup_and_cutmix_targets_and_areas():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(images))
 
 
+def test_mixup_groups_mix_within_each_slice():
+  """groups=G mixes each of G slices with itself reversed (each device its own examples), with the same lambda
+  and box as one group; groups=1 pairs the whole batch end to end."""
+  images = jnp.arange(8.0)[:, None, None, None] * jnp.ones((8, 4, 4, 1))
+  labels = jnp.arange(8)
+  kwargs = dict(num_classes=8, smoothing=0.0, prob=1, switch_prob=0.5)
+  for seed, alphas in ((0, dict(mixup_alpha=0.8, cutmix_alpha=0)), (1, dict(mixup_alpha=0, cutmix_alpha=1.0))):
+    whole, whole_t = mixup.mix_batch(jax.random.PRNGKey(seed), images, labels, **alphas, **kwargs)
+    halves, halves_t = mixup.mix_batch(jax.random.PRNGKey(seed), images, labels, **alphas, **kwargs, groups=2)
+    partners = {'whole': [7, 6, 5, 4, 3, 2, 1, 0], 'halves': [3, 2, 1, 0, 7, 6, 5, 4]}
+    for out, t, name in ((whole, whole_t, 'whole'), (halves, halves_t, 'halves')):
+      for i, j in enumerate(partners[name]):
+        lam = float(t[i, i])
+        assert set(np.unique(np.asarray(out[i]))) <= {float(i), float(j)} or alphas['cutmix_alpha'] == 0
+        np.testing.assert_allclose(float(t[i, j]), 1 - lam, atol=1e-6)
+        if alphas['cutmix_alpha'] == 0:
+          np.testing.assert_allclose(np.asarray(out[i]), lam * i + (1 - lam) * j, rtol=1e-5)
+    np.testing.assert_allclose(np.diag(np.asarray(whole_t)), np.diag(np.asarray(halves_t)))  # one lambda
+  # One group per device; a device with one example is paired with its neighbour, never with itself.
+  assert [mixup.device_groups(b, 8) for b in (64, 16, 8, 4)] == [8, 8, 4, 2]
+  assert mixup.device_groups(16, 16) == 8 and mixup.device_groups(1, 1) == 1 and mixup.device_groups(32, 1) == 1
+  with pytest.raises(ValueError, match='3 mixup groups'):
+    mixup.mix_batch(jax.random.PRNGKey(0), images, labels, mixup_alpha=0.8, cutmix_alpha=0, **kwargs, groups=3)
+
+
 def test_config_validation_names_the_field():
   c = tiny_config()
   with pytest.raises(configs.ConfigError, match='optim.lr'):

@@ -127,7 +127,8 @@ def _time_fold(fn, x):
   time-major would interleave the devices' examples and make the partitioner gather the batch.
   """
   y = fn(sharding.keep_batch_split(einops.rearrange(x, 't b ... -> (b t) ...'), 0))
-  return einops.rearrange(sharding.keep_batch_split(y, 0), '(b t) ... -> t b ...', t=x.shape[0])
+  y = einops.rearrange(sharding.keep_batch_split(y, 0), '(b t) ... -> t b ...', t=x.shape[0])
+  return sharding.keep_batch_split(y, 1)
 
 
 def max_pool(x):

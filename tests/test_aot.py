@@ -160,3 +160,18 @@ def test_mixup_keeps_examples_on_their_device():
   config.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0)
   step = aot.lower_train_step(config, jax.devices())
   assert set(aot.collectives(step.lowered.compile().as_text())) == {'all-reduce'}
+
+
+@needs_libtpu
+def test_one_event_recording_per_chip_moves_no_activations():
+  """DVS at one recording per chip with T = chips: the partitioner split BatchNorm's backward over time and
+  all-to-alled every tokenizer activation (20 all-to-alls here; 224 MB per chip per step for DVS128 T=16 on
+  v5e-16) until `sharding.keep_batch_split` pinned the batch axis under data parallelism too."""
+  import nmnist  # noqa: PLC0415
+  config = nmnist.get_config('T=8')
+  config.model.overrides = dict(config.model.overrides, embed_dim=64, num_heads=2)
+  config.batch_size = 8
+  report = aot.compile_report(config, 'v5e-8')
+  assert report['mesh'] == {'data': 8, 'fsdp': 1}
+  # All-reduces of gradients and statistics, and mixup's pairing of neighbouring chips' single recordings.
+  assert set(report['collectives']) == {'all-reduce', 'collective-permute'}

@@ -128,7 +128,7 @@ def _time_fold(fn, x):
   """
   y = fn(sharding.keep_batch_split(einops.rearrange(x, 't b ... -> (b t) ...'), 0))
   y = einops.rearrange(sharding.keep_batch_split(y, 0), '(b t) ... -> t b ...', t=x.shape[0])
-  return sharding.keep_batch_split(y, 1)
+  return sharding.pin_batch(y, 1)
 
 
 def max_pool(x):

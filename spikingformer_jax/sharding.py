@@ -92,17 +92,27 @@ def traced_in(mesh, fn):
 
 
 def keep_batch_split(x, axis: int):
-  """Pins `x`'s batch axis `axis` to the mesh's batch axes (a no-op outside `traced_in` or on one device).
+  """Pins `x`'s batch axis `axis` to the batch axes of an FSDP mesh (a no-op otherwise).
 
-  XLA's sharding propagation may otherwise split an activation along another axis and move it between
-  layers: with FSDP it follows the weights (split over 'fsdp' along a channel axis) and all-gathers or
-  all-to-alls activations (the 8-768 step gathered 35 GB per chip); with one example per chip and
-  T = chips (DVS at T=16 on 16 chips), it split BatchNorm's backward over time and all-to-alled every
-  tokenizer activation (224 MB per chip per step). An activation whose batch stays split makes XLA move
-  weights and statistics instead.
+  With FSDP the weights are split over 'fsdp' along a channel axis, and XLA's sharding propagation
+  may follow them and split activations by channel, then all-gather or all-to-all activations between
+  layers (the 8-768 step gathered 35 GB per chip). An activation whose batch stays split makes XLA
+  gather the weights instead, which is what FSDP means. Without FSDP the batch split propagates from
+  the inputs (but see `pin_batch`), and pinning every product's output there cost the 8-768 step on
+  v5e 1 GiB of temporaries and 25 GB of memory traffic per chip.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or x.shape[axis] % batch_shards(x.shape[axis]) or batch_shards(x.shape[axis]) == 1:
+  return x if mesh.empty or mesh.shape['fsdp'] == 1 else pin_batch(x, axis)
+
+
+def pin_batch(x, axis: int):
+  """Pins `x`'s batch axis `axis` to the mesh's batch axes (a no-op outside `traced_in` or on one device).
+
+  For `[T, B, ...]` activations, where time may be split instead: with one example per chip and T = chips
+  (DVS at T=16 on 16 chips) the partitioner split the tokenizer BatchNorms' backward over time and
+  all-to-alled every tokenizer activation (224 MB per chip per step).
+  """
+  if batch_shards(x.shape[axis]) == 1:
     return x
   spec = [None] * x.ndim
   spec[axis] = BATCH_AXES

@@ -166,7 +166,7 @@ def test_mixup_keeps_examples_on_their_device():
 def test_one_event_recording_per_chip_moves_no_activations():
   """DVS at one recording per chip with T = chips: the partitioner split BatchNorm's backward over time and
   all-to-alled every tokenizer activation (20 all-to-alls here; 224 MB per chip per step for DVS128 T=16 on
-  v5e-16) until `sharding.keep_batch_split` pinned the batch axis under data parallelism too."""
+  v5e-16) until `sharding.pin_batch` pinned the batch axis of the time fold's `[T, B, ...]` output."""
   import nmnist  # noqa: PLC0415
   config = nmnist.get_config('T=8')
   config.model.overrides = dict(config.model.overrides, embed_dim=64, num_heads=2)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from spikingformer_jax import batchnorm, kernels, neurons, sharding
+from spikingformer_jax import batchnorm, kernels, neurons, pooling, sharding
 
 Dtype = Any
 SPIKES = 'spikes'
@@ -131,8 +131,13 @@ def _time_fold(fn, x):
   return sharding.pin_batch(y, 1)
 
 
-def max_pool(x):
-  """MaxPool2d(kernel 3, stride 2, padding 1) on `[T, B, H, W, C]` (padding never wins: -inf)."""
+def max_pool(x, scatter_free: bool = False):
+  """MaxPool2d(kernel 3, stride 2, padding 1) on `[T, B, H, W, C]` (padding never wins: -inf).
+
+  scatter_free: the backward pass of `pooling.max_pool_3x3_s2` (same values and gradients; faster on the CPU).
+  """
+  if scatter_free:
+    return _time_fold(pooling.max_pool_3x3_s2, x)
   return _time_fold(lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
 
 
@@ -166,7 +171,8 @@ class SpikingTokenizer(nn.Module):
   style='cml' (Spikingformer†): the max-pool moves after the BN of the previous stage.
   style='spikformer' (SPS): stages 0..3 Conv-BN-LIF -> [MaxPool]; then RPE Conv-BN-LIF added to
   the features, so the output is an integer-valued sum of spikes.
-  spike_kernels: stages 1..4, whose inputs are spikes, use the sparse CPU kernels (stage 0 reads the image).
+  spike_kernels: the CPU path: stages 1..4, whose inputs are spikes, use the sparse CPU kernels (stage 0 reads
+  the image), and max-pooling the backward pass of `pooling.max_pool_3x3_s2`.
   """
   embed_dim: int
   pool: tuple[bool, bool, bool, bool]
@@ -200,16 +206,16 @@ class SpikingTokenizer(nn.Module):
           x = ConvBN(widths[k], dtype=self.dtype, spike_kernels=self.spike_kernels, name=f'stage{k}')(x, train)
         x = LIF(self.lif, name=f'lif{k}')(x)
         if self.pool[k]:
-          x = max_pool(x)
+          x = max_pool(x, self.spike_kernels)
       rpe = ConvBN(widths[4], dtype=self.dtype, spike_kernels=self.spike_kernels, name='stage4')(x, train)
       return LIF(self.lif, name='lif4')(rpe) + x
     for k in range(1, 5):
       pool = self.pool[k - 1]
       if self.style == 'cml' and pool:
-        x = max_pool(x)
+        x = max_pool(x, self.spike_kernels)
       x = LIF(self.lif, name=f'lif{k}')(x)
       if self.style == 'spikingformer' and pool:
-        x = max_pool(x)
+        x = max_pool(x, self.spike_kernels)
       x = ConvBN(widths[k], dtype=self.dtype, spike_kernels=self.spike_kernels, name=f'stage{k}')(x, train)
     return x
 

@@ -1,0 +1,123 @@
+"""The training step of `experiments/cifar10.py:cpu` (Spikingformer-2-256, T=4, batch 32, spike kernels) on
+this CPU, as main.py runs it, against that step without each CPU-side change of this release.
+
+Rows (each a fresh process, run in alternating rounds so they see the same load; medians reported):
+- shipped: `cpu_runtime.apply_cpu_flags` (XLA:CPU flags and `reuse_freed_memory`), the scatter-free max-pool
+  backward (`pooling.max_pool_3x3_s2`);
+- glibc's default malloc: every step maps its large temporaries afresh and faults them in;
+- XLA's max-pool backward (select-and-scatter);
+- both undone (the previous release's step).
+Each row reports the step's median wall time, the minor page faults and kernel (sys) seconds per step,
+and the process's peak RSS. Images: the real CIFAR-10 sample (../shared/data/cifar10) when present,
+else normal noise.
+
+  python -m benchmarks.cifar_cpu_step --rounds 3 --steps 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROWS = {
+    'shipped': [],
+    "glibc's default malloc": ['--default-malloc'],
+    "XLA's max-pool backward": ['--xla-pool'],
+    'both undone (previous release)': ['--default-malloc', '--xla-pool'],
+}
+
+
+def _images(batch):
+  import numpy as np
+
+  from spikingformer_jax import paths
+  try:
+    data = np.load(paths.shared_data_dir('cifar10') / 'train.npz')
+  except (FileNotFoundError, OSError):
+    return np.random.default_rng(0).standard_normal((batch, 32, 32, 3)).astype(np.float32), 'noise'
+  x = data['images'][:batch].astype(np.float32) / 255.0
+  mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
+  return ((x - mean) / std).astype(np.float32), 'CIFAR-10 sample'
+
+
+def worker(args) -> dict:
+  from spikingformer_jax import cpu_runtime
+  if args.default_malloc:
+    cpu_runtime.reuse_freed_memory = lambda: False
+  cpu_runtime.apply_cpu_flags()
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from spikingformer_jax import models, pooling, registry
+  if args.xla_pool:
+    import flax.linen as nn
+    pooling.max_pool_3x3_s2 = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  model = registry.get_model('spikingformer-cifar-4-256', depth=2, spike_kernels=True)
+  images, source = _images(args.batch)
+  images, labels = jnp.asarray(images), jnp.arange(args.batch) % 10
+  variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])
+  tx = optax.adamw(5e-4, weight_decay=0.06)
+
+  def train_step(params, opt_state, batch_stats):
+    def loss_fn(p):
+      logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
+                                    mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, batch_stats, loss
+
+  state = (variables['params'], tx.init(variables['params']), variables['batch_stats'])
+  step = jax.jit(train_step)
+  for _ in range(2):
+    state = jax.block_until_ready(step(*state))[:3]
+  cpu_runtime.release_freed_memory()  # as train.py does after its first step
+  usage, times = resource.getrusage(resource.RUSAGE_SELF), []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state = jax.block_until_ready(step(*state))[:3]
+    times.append(time.perf_counter() - start)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return dict(step_s=statistics.median(times), faults=(after.ru_minflt - usage.ru_minflt) / args.steps,
+              sys_s=(after.ru_stime - usage.ru_stime) / args.steps, peak_rss_gb=after.ru_maxrss / 2**20,
+              images=source)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--default-malloc', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--xla-pool', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(args)))
+    return
+  results = {name: [] for name in ROWS}
+  for _ in range(args.rounds):
+    for name, flags in ROWS.items():
+      out = subprocess.run([sys.executable, '-m', 'benchmarks.cifar_cpu_step', '--worker', '--steps',
+                            str(args.steps), '--batch', str(args.batch), *flags], capture_output=True, text=True,
+                           check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+  shipped = statistics.median(r['step_s'] for r in results['shipped'])
+  print(f'CIFAR 2-256, T=4, batch {args.batch}, {results["shipped"][0]["images"]}; {args.rounds} rounds x '
+        f'{args.steps} steps; load average {os.getloadavg()[0]:.2f}\n')
+  print('| step | median step (s) | vs shipped | page faults / step | sys s / step | peak RSS (GB) |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for name, runs in results.items():
+    step_s = statistics.median(r['step_s'] for r in runs)
+    print(f'| {name} | {step_s:.3f} | {step_s / shipped:.2f}x | {statistics.median(r["faults"] for r in runs):,.0f} '
+          f'| {statistics.median(r["sys_s"] for r in runs):.2f} | {max(r["peak_rss_gb"] for r in runs):.2f} |')
+
+
+if __name__ == '__main__':
+  main()

@@ -3,15 +3,16 @@ this CPU, as main.py runs it, against that step without each CPU-side change of 
 
 Rows (each a fresh process, run in alternating rounds so they see the same load; medians reported):
 - shipped: `cpu_runtime.apply_cpu_flags` (XLA:CPU flags and `reuse_freed_memory`), the scatter-free max-pool
-  backward (`pooling.max_pool_3x3_s2`);
+  backward (`pooling.max_pool_3x3_s2`), the one-pass LIF backward kernel (`kernels.lif_backward`);
 - glibc's default malloc: every step maps its large temporaries afresh and faults them in;
 - XLA's max-pool backward (select-and-scatter);
-- both undone (the previous release's step).
+- XLA's LIF backward (the unrolled reverse scan);
+- all three undone (the release before these changes).
 Each row reports the step's median wall time, the minor page faults and kernel (sys) seconds per step,
 and the process's peak RSS. Images: the real CIFAR-10 sample (../shared/data/cifar10) when present,
 else normal noise.
 
-  python -m benchmarks.cifar_cpu_step --rounds 3 --steps 10
+  python -m benchmarks.cifar_cpu_step --rounds 3 --steps 10 [--only=LIF]
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ ROWS = {
     'shipped': [],
     "glibc's default malloc": ['--default-malloc'],
     "XLA's max-pool backward": ['--xla-pool'],
-    'both undone (previous release)': ['--default-malloc', '--xla-pool'],
+    "XLA's LIF backward": ['--xla-lif'],
+    'all three undone (previous release)': ['--default-malloc', '--xla-pool', '--xla-lif'],
 }
 
 
@@ -54,7 +56,9 @@ def worker(args) -> dict:
   import jax.numpy as jnp
   import optax
 
-  from spikingformer_jax import models, pooling, registry
+  from spikingformer_jax import kernels, models, pooling, registry
+  if args.xla_lif:
+    kernels.lif_backward_applies = lambda x, cfg: False
   if args.xla_pool:
     import flax.linen as nn
     pooling.max_pool_3x3_s2 = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -97,13 +101,16 @@ def main():
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--default-malloc', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--xla-pool', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--xla-lif', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--only', default='', help='rows whose name contains this (and the shipped row)')
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(args)))
     return
-  results = {name: [] for name in ROWS}
+  rows = {name: flags for name, flags in ROWS.items() if name == 'shipped' or args.only in name}
+  results = {name: [] for name in rows}
   for _ in range(args.rounds):
-    for name, flags in ROWS.items():
+    for name, flags in rows.items():
       out = subprocess.run([sys.executable, '-m', 'benchmarks.cifar_cpu_step', '--worker', '--steps',
                             str(args.steps), '--batch', str(args.batch), *flags], capture_output=True, text=True,
                            check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))

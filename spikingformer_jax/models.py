@@ -39,21 +39,23 @@ class Spikingformer(nn.Module):
   remat: bool = False
   # A static image's stem conv and BatchNorm once instead of at each of the T steps (same values).
   stem_once: bool = True
-  # Products with a spike operand through the sparse CPU kernels (spikingformer_jax.kernels): the same
-  # parameters and, up to float rounding, the same outputs; faster on the CPU, ignored elsewhere.
+  # Products with a spike operand through the sparse CPU kernels (spikingformer_jax.kernels), and the LIF
+  # backward pass in its one-pass kernel: the same parameters and, up to float rounding, the same outputs
+  # and gradients; faster on the CPU, ignored elsewhere.
   spike_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.time_major_input(x)
+    lif = self.lif.replace(cpu_kernel=True) if self.spike_kernels else self.lif
     tokenizer_cls = layers.remat(layers.SpikingTokenizer) if self.remat else layers.SpikingTokenizer
-    x = tokenizer_cls(self.embed_dim, self.pool, self.lif, self.T, self.style, self.dtype,
+    x = tokenizer_cls(self.embed_dim, self.pool, lif, self.T, self.style, self.dtype,
                       spike_kernels=self.spike_kernels, stem_once=self.stem_once, name='tokenizer')(x, train)
     t, b, h, w, d = x.shape
     x = x.reshape(t, b, h * w, d)
     block_cls = layers.remat(layers.Block) if self.remat else layers.Block
     for i in range(self.depth):
-      x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, self.lif,
+      x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, lif,
                     pre_activation=self.style != 'spikformer', attn_scale=self.attn_scale,
                     qkv_bias=self.qkv_bias, dtype=self.dtype, spike_kernels=self.spike_kernels,
                     name=f'block_{i}')(x, train)

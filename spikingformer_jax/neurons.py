@@ -26,6 +26,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from spikingformer_jax import kernels
 from spikingformer_jax.surrogates import get_surrogate, spike
 
 
@@ -40,6 +41,7 @@ class LIFConfig:
   surrogate: str = 'sigmoid'
   alpha: Optional[float] = None  # None: the surrogate's default (4.0 for sigmoid).
   unroll: int | bool = True
+  cpu_kernel: bool = False  # the BPTT in kernels.lif_backward where it applies (CPU, float32, sigmoid)
 
   def __post_init__(self):
     if not self.tau > 1.0:
@@ -98,6 +100,8 @@ def _lif_bptt_fwd(x, cfg):
 
 def _lif_bptt_bwd(cfg, x, g):
   """grad_H[t] = g[t] sg'(H[t] - V_th) + grad_V[t] dV/dH[t],  grad_V[t-1] = grad_H[t] (1 - 1/tau)."""
+  if cfg.cpu_kernel and kernels.lif_backward_applies(x, cfg):
+    return (kernels.lif_backward(x, g, cfg),)
   spikes, margins = _scan(x, cfg)
   grad_fn, default_alpha = get_surrogate(cfg.surrogate)
   alpha = default_alpha if cfg.alpha is None else cfg.alpha

@@ -1,4 +1,4 @@
-"""The sparse spike kernels (spikingformer_jax.kernels): products and gradients against NumPy float64,
+"""The CPU kernels (spikingformer_jax.kernels): products, their gradients and the LIF BPTT against NumPy float64,
 the flax adapters' fall-backs, a model and its training step with and without them, the build's errors."""
 import functools
 import pathlib
@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from spikingformer_jax import configs, kernels, models, registry, train
+from spikingformer_jax import configs, kernels, models, neurons, registry, train
 from spikingformer_jax.analysis import flops
 from spikingformer_jax.kernels import build
 
@@ -86,6 +86,34 @@ def test_spike_conv3x3_and_its_gradients_equal_numpy(b, h, w_, c, o, density):
     e = e.reshape(a.shape)
     diff = ((_conv3x3_numpy(a + e, w) - _conv3x3_numpy(a - e, w)) * r).sum() / (2 * eps)
     np.testing.assert_allclose(np.asarray(grad_a).ravel()[i], diff, rtol=1e-4, atol=1e-4)
+
+
+LIF_CASES = [(tau, v_th, v_reset, decay_input, shape) for (tau, v_th), v_reset, decay_input, shape in zip(
+    [(2.0, 1.0), (1.5, 0.5), (2.0, 0.5), (3.0, 1.0)], [0.0, None, -0.2, 0.0], [True, True, False, False],
+    [(4, 3, 17), (6, 1300), (1, 5), (16, 2, 2, 300)])]
+
+
+@pytest.mark.parametrize('tau,v_th,v_reset,decay_input,shape', LIF_CASES)
+def test_lif_backward_kernel_equals_numpy(tau, v_th, v_reset, decay_input, shape):
+  """The kernel's BPTT against test_neurons' NumPy LIF (float64), across reset modes, T and block remainders."""
+  from test_neurons import np_lif  # noqa: PLC0415
+  rng = np.random.default_rng(len(shape) + shape[-1])
+  x = rng.normal(0.6, 1.0, size=shape).astype(np.float32)
+  g = rng.normal(size=shape).astype(np.float32)
+  cfg = neurons.LIFConfig(tau=tau, v_threshold=v_th, v_reset=v_reset, decay_input=decay_input, cpu_kernel=True)
+  spikes, vjp = jax.vjp(lambda v: neurons.lif(v, cfg), jnp.asarray(x))
+  want_spikes, want_grad = np_lif(x, tau, v_th, v_reset, decay_input, True, g)
+  np.testing.assert_array_equal(np.asarray(spikes), want_spikes)
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), want_grad, atol=1e-6, rtol=1e-5)
+  assert _has_custom_call(jax.grad(lambda v: (neurons.lif(v, cfg) * g).sum()), jnp.asarray(x))
+
+
+def test_lif_backward_kernel_only_where_it_applies():
+  x = jnp.ones((4, 8))
+  grad = lambda cfg: jax.grad(lambda v: neurons.lif(v, cfg).sum())
+  assert not _has_custom_call(grad(neurons.LIFConfig()), x)  # not asked for
+  assert not _has_custom_call(grad(neurons.LIFConfig(surrogate='atan', cpu_kernel=True)), x)  # no kernel for atan
+  assert not _has_custom_call(grad(neurons.LIFConfig(cpu_kernel=True)), x.astype(jnp.bfloat16))
 
 
 def _has_custom_call(fn, *args) -> bool:

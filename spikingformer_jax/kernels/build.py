@@ -1,4 +1,4 @@
-"""Compiles `spike_products.cc` for this machine on first use and registers its XLA FFI targets.
+"""Compiles the kernels (`spike_products.cc`, `lif_backward.cc`) for this machine on first use and registers its XLA FFI targets.
 
 The library is built with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) for the host CPU
 (`-march=native`: the AVX-512 or AVX2 paths where the CPU has them) against the XLA FFI headers that jaxlib
@@ -22,8 +22,10 @@ import jax
 import jaxlib
 from absl import logging
 
-SOURCE = pathlib.Path(__file__).with_name('spike_products.cc')
-TARGETS = ('SpikeMatmul', 'SpikeMatmulT', 'SpikeConv3x3', 'SpikeConv3x3WGrad')
+HERE = pathlib.Path(__file__).parent
+SOURCES = (HERE / 'spike_products.cc', HERE / 'lif_backward.cc')
+HEADERS = (HERE / 'parallel_for.h',)
+TARGETS = ('SpikeMatmul', 'SpikeMatmulT', 'SpikeConv3x3', 'SpikeConv3x3WGrad', 'LifBackward')
 PREFIX = 'spikingformer_'  # FFI target names are global to the process.
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
@@ -60,7 +62,7 @@ def library_path(cxx: str) -> pathlib.Path:
   except (OSError, subprocess.SubprocessError) as e:
     raise KernelBuildError(f'cannot run the C++ compiler {cxx!r}: {e}') from e
   key = hashlib.sha256('\0'.join(
-      [SOURCE.read_text(), cxx, version, ' '.join(flags()), jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
+      [*(f.read_text() for f in SOURCES + HEADERS), cxx, version, ' '.join(flags()), jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
   return cache_dir() / f'spike_products-{key[:16]}.so'
 
 
@@ -69,21 +71,21 @@ def build_library() -> pathlib.Path:
   cxx = compiler()
   if cxx is None:
     raise KernelBuildError('no C++ compiler found (looked for $CXX, c++, g++, clang++); the spike kernels '
-                           'need one to compile spikingformer_jax/kernels/spike_products.cc.')
+                           'need one to compile the C++ sources in spikingformer_jax/kernels.')
   path = library_path(cxx)
   if path.exists():
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(f'{path.name}.{os.getpid()}.partial')
-  command = [cxx, *flags(), '-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(partial)]
+  command = [cxx, *flags(), '-I', jax.ffi.include_dir(), '-I', str(HERE), *map(str, SOURCES), '-o', str(partial)]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
   except (OSError, subprocess.SubprocessError) as e:
     partial.unlink(missing_ok=True)
-    raise KernelBuildError(f'compiling {SOURCE.name} failed: {e}') from e
+    raise KernelBuildError(f'compiling the spike kernels failed: {e}') from e
   if result.returncode != 0:
     partial.unlink(missing_ok=True)
-    raise KernelBuildError(f'compiling {SOURCE.name} failed (exit {result.returncode}): '
+    raise KernelBuildError(f'compiling the spike kernels failed (exit {result.returncode}): '
                            f'{" ".join(command)}\n{result.stderr[-3000:]}')
   os.replace(partial, path)
   return path

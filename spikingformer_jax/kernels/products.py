@@ -18,9 +18,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax import lax
 
+from spikingformer_jax import surrogates
 from spikingformer_jax.kernels import build
 
 _CONV_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
@@ -68,6 +70,23 @@ def _spike_matmul_bwd(residuals, g):
 
 
 spike_matmul.defvjp(_spike_matmul_fwd, _spike_matmul_bwd)
+
+
+def lif_backward_applies(x, cfg) -> bool:
+  """Whether `lif_backward` computes this neuron's BPTT: sigmoid surrogate, float32 on the CPU."""
+  return cfg.surrogate == 'sigmoid' and cfg.detach_reset and _applies(x)
+
+
+def lif_backward(x: jax.Array, g: jax.Array, cfg) -> jax.Array:
+  """The BPTT of `neurons.lif` (detach_reset, sigmoid surrogate) for input `x` and spike cotangent `g`
+  (`[T, ...]` float32), in the one-pass kernel of `lif_backward.cc`."""
+  alpha = surrogates.get_surrogate('sigmoid')[1] if cfg.alpha is None else cfg.alpha
+  build.load()
+  return jax.ffi.ffi_call(build.PREFIX + 'LifBackward', jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method='sequential')(
+      x, g, decay=np.float32(1.0 / cfg.tau), v_threshold=np.float32(cfg.v_threshold),
+      v_reset=np.float32(0.0 if cfg.v_reset is None else cfg.v_reset), hard_reset=cfg.v_reset is not None,
+      decay_input=bool(cfg.decay_input), alpha=np.float32(alpha))
 
 
 @jax.custom_vjp

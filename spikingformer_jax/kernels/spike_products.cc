@@ -31,10 +31,13 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using spikingformer_kernels::ParallelFor;
 
 constexpr int64_t kTile = 128;
 using Matrix = ffi::Buffer<ffi::F32, 2>;
@@ -47,38 +50,6 @@ bool Indexable(int64_t rows, int64_t cols) {
 
 ffi::Error TooLarge(const char* kernel) {
   return ffi::Error::InvalidArgument(std::string(kernel) + ": more than 2^31 - 1 rows or columns");
-}
-
-// Runs body(chunk) for chunk in [0, n) on the caller and the pool's threads; returns when all are done.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  const std::function<void(int64_t)>* fn = &body;
-  const int64_t n_total = n;
-  auto work = [state, fn, n_total]() {
-    for (int64_t i; (i = state->next.fetch_add(1, std::memory_order_relaxed)) < n_total;) {
-      (*fn)(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  // A helper that starts after every chunk is taken finds none and only touches `state` (kept alive by
-  // its own copy), never `body`.
-  while (state->done.load(std::memory_order_acquire) < n_total) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
 }
 
 // One contiguous list of selected rows: row `idx[i] + offset` of `base` scaled by `val[i]`.

@@ -4,9 +4,10 @@ The forward pass is XLA's `reduce_window` max, as `nn.max_pool`. The gradient go
 XLA's do, to the first maximum of each window in row-major order (dy, then dx): the padding (-inf)
 never wins. XLA:CPU differentiates `reduce_window` with a select-and-scatter that carries four int32
 index tensors through a reduce-window and then scatters; on the pooled spike maps of the CIFAR stem
-that was ~10% of a training step (benchmarks/cifar_cpu_step.py, BENCHMARKS.md). Here the forward pass also records, in one byte per
-output, which of the nine window positions won, and the backward pass sorts each output's gradient
-into the four stride-2 parities of the input and interleaves them: elementwise work only.
+that was ~10% of a training step (benchmarks/cifar_cpu_step.py, BENCHMARKS.md). Here the forward pass
+also records, in one byte per output, which of the nine window positions won, and the backward pass
+sorts each output's gradient into the four stride-2 parities of the input and interleaves them:
+elementwise work only.
 
     winner[o]  = min { k : window_k(x)[o] == y[o] },   k = 3 dy + dx
     grad_x[p]  = sum of g[o] over the outputs o whose winning window position k is p

@@ -1,4 +1,5 @@
-"""cpu_runtime: XLA:CPU options merged with the user's XLA_FLAGS and read by XLA; freed heap reused, or returned to the OS."""
+"""cpu_runtime: XLA:CPU options merged with the user's XLA_FLAGS and read by XLA; freed heap reused, or
+returned to the OS."""
 import pathlib
 import re
 import subprocess

@@ -1,4 +1,5 @@
-"""Compiles the kernels (`spike_products.cc`, `lif_backward.cc`) for this machine on first use and registers its XLA FFI targets.
+"""Compiles the kernels (`spike_products.cc`, `lif_backward.cc`) for this machine on first use and registers
+their XLA FFI targets.
 
 The library is built with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) for the host CPU
 (`-march=native`: the AVX-512 or AVX2 paths where the CPU has them) against the XLA FFI headers that jaxlib
@@ -62,7 +63,8 @@ def library_path(cxx: str) -> pathlib.Path:
   except (OSError, subprocess.SubprocessError) as e:
     raise KernelBuildError(f'cannot run the C++ compiler {cxx!r}: {e}') from e
   key = hashlib.sha256('\0'.join(
-      [*(f.read_text() for f in SOURCES + HEADERS), cxx, version, ' '.join(flags()), jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()
+      [*(f.read_text() for f in SOURCES + HEADERS), cxx, version, ' '.join(flags()), jaxlib.__version__,
+       _cpu_flags()]).encode()).hexdigest()
   return cache_dir() / f'spike_products-{key[:16]}.so'
 
 

@@ -59,7 +59,8 @@ void SigmoidGrad(const float* m, float* out, int64_t n, float alpha) {
 #if defined(__AVX512F__)
   const __m512 a = _mm512_set1_ps(alpha), one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= n; i += 16) {
-    const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, Exp(_mm512_mul_ps(_mm512_set1_ps(-alpha), _mm512_loadu_ps(m + i)))));
+    const __m512 e = Exp(_mm512_mul_ps(_mm512_set1_ps(-alpha), _mm512_loadu_ps(m + i)));
+    const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(a, s), _mm512_sub_ps(one, s)));
   }
 #endif

@@ -18,11 +18,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax import lax
 
-from spikingformer_jax import surrogates
 from spikingformer_jax.kernels import build
 
 _CONV_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
@@ -72,22 +70,6 @@ def _spike_matmul_bwd(residuals, g):
 spike_matmul.defvjp(_spike_matmul_fwd, _spike_matmul_bwd)
 
 
-def lif_backward_applies(x, cfg) -> bool:
-  """Whether `lif_backward` computes this neuron's BPTT: sigmoid surrogate, float32 on the CPU."""
-  return cfg.surrogate == 'sigmoid' and cfg.detach_reset and _applies(x)
-
-
-def lif_backward(x: jax.Array, g: jax.Array, cfg) -> jax.Array:
-  """The BPTT of `neurons.lif` (detach_reset, sigmoid surrogate) for input `x` and spike cotangent `g`
-  (`[T, ...]` float32), in the one-pass kernel of `lif_backward.cc`."""
-  alpha = surrogates.get_surrogate('sigmoid')[1] if cfg.alpha is None else cfg.alpha
-  build.load()
-  return jax.ffi.ffi_call(build.PREFIX + 'LifBackward', jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                          vmap_method='sequential')(
-      x, g, decay=np.float32(1.0 / cfg.tau), v_threshold=np.float32(cfg.v_threshold),
-      v_reset=np.float32(0.0 if cfg.v_reset is None else cfg.v_reset), hard_reset=cfg.v_reset is not None,
-      decay_input=bool(cfg.decay_input), alpha=np.float32(alpha))
-
 
 @jax.custom_vjp
 def spike_conv3x3(a: jax.Array, w: jax.Array) -> jax.Array:
@@ -108,7 +90,8 @@ def _spike_conv3x3_bwd(residuals, g):
 spike_conv3x3.defvjp(_spike_conv3x3_fwd, _spike_conv3x3_bwd)
 
 
-def _applies(*arrays) -> bool:
+def applies(*arrays) -> bool:
+  """Whether the kernels can take these operands: CPU backend, float32, a library that compiled."""
   return (jax.default_backend() == 'cpu' and all(x.dtype == jnp.float32 for x in arrays)
           and available())
 
@@ -118,7 +101,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   dense_contraction = (((lhs.ndim - 1,), (0,)), ((), ()))
   if (rhs.ndim == 2 and tuple(map(tuple, dimension_numbers[0])) == dense_contraction[0]
       and not any(dimension_numbers[1]) and preferred_element_type in (None, jnp.float32)
-      and _applies(lhs, rhs)):
+      and applies(lhs, rhs)):
     y = spike_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
     return y.reshape(lhs.shape[:-1] + rhs.shape[1:])
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -136,7 +119,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
           d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
       and feature_group_count == 1 and batch_group_count == 1
-      and preferred_element_type in (None, jnp.float32) and _applies(lhs, rhs)):
+      and preferred_element_type in (None, jnp.float32) and applies(lhs, rhs)):
     return spike_conv3x3(lhs, rhs)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -38,13 +38,13 @@ def _images(batch):
   import numpy as np
 
   from spikingformer_jax import paths
+  from spikingformer_jax.data import pipeline
   try:
     data = np.load(paths.shared_data_dir('cifar10') / 'train.npz')
   except (FileNotFoundError, OSError):
     return np.random.default_rng(0).standard_normal((batch, 32, 32, 3)).astype(np.float32), 'noise'
   x = data['images'][:batch].astype(np.float32) / 255.0
-  mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
-  return ((x - mean) / std).astype(np.float32), 'CIFAR-10 sample'
+  return ((x - np.array(pipeline.CIFAR_MEAN)) / np.array(pipeline.CIFAR_STD)).astype(np.float32), 'CIFAR-10 sample'
 
 
 def worker(args) -> dict:

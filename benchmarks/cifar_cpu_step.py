@@ -21,9 +21,9 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from benchmarks import common
 
 ROWS = {
     'shipped': [],
@@ -54,9 +54,8 @@ def worker(args) -> dict:
   cpu_runtime.apply_cpu_flags()
   import jax
   import jax.numpy as jnp
-  import optax
 
-  from spikingformer_jax import kernels, models, pooling, registry
+  from spikingformer_jax import kernels, pooling, registry
   if args.xla_lif:
     kernels.lif_backward_applies = lambda x, cfg: False
   if args.xla_pool:
@@ -64,21 +63,7 @@ def worker(args) -> dict:
     pooling.max_pool_3x3_s2 = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   model = registry.get_model('spikingformer-cifar-4-256', depth=2, spike_kernels=True)
   images, source = _images(args.batch)
-  images, labels = jnp.asarray(images), jnp.arange(args.batch) % 10
-  variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])
-  tx = optax.adamw(5e-4, weight_decay=0.06)
-
-  def train_step(params, opt_state, batch_stats):
-    def loss_fn(p):
-      logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
-                                    mutable=['batch_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, batch_stats, loss
-
-  state = (variables['params'], tx.init(variables['params']), variables['batch_stats'])
-  step = jax.jit(train_step)
+  step, state = common.adamw_train_step(model, jnp.asarray(images), jnp.arange(args.batch) % 10, weight_decay=0.06)
   for _ in range(2):
     state = jax.block_until_ready(step(*state))[:3]
   cpu_runtime.release_freed_memory()  # as train.py does after its first step
@@ -111,10 +96,8 @@ def main():
   results = {name: [] for name in rows}
   for _ in range(args.rounds):
     for name, flags in rows.items():
-      out = subprocess.run([sys.executable, '-m', 'benchmarks.cifar_cpu_step', '--worker', '--steps',
-                            str(args.steps), '--batch', str(args.batch), *flags], capture_output=True, text=True,
-                           check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-      results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+      results[name].append(common.run_worker('benchmarks.cifar_cpu_step', [
+          '--worker', '--steps', str(args.steps), '--batch', str(args.batch), *flags], env={'JAX_PLATFORMS': 'cpu'}))
   shipped = statistics.median(r['step_s'] for r in results['shipped'])
   print(f'CIFAR 2-256, T=4, batch {args.batch}, {results["shipped"][0]["images"]}; {args.rounds} rounds x '
         f'{args.steps} steps; load average {os.getloadavg()[0]:.2f}\n')

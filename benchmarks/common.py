@@ -107,6 +107,28 @@ def run_worker(module: str, args: Sequence[str], timeout: float = 1800, env: dic
   return json.loads(lines[-1])
 
 
+def adamw_train_step(model, images, labels, weight_decay: float):
+  """`model`'s whole training step on one fixed batch (forward, backward, AdamW at 5e-4, BatchNorm statistics
+  updated), jitted, and its initial state `(params, opt_state, batch_stats)`."""
+  import jax  # noqa: PLC0415 (workers import jax after setting XLA_FLAGS)
+  import optax  # noqa: PLC0415
+
+  from spikingformer_jax import models  # noqa: PLC0415
+  variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])
+  tx = optax.adamw(5e-4, weight_decay=weight_decay)
+
+  def train_step(params, opt_state, batch_stats):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                                    mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, batch_stats, loss
+
+  return jax.jit(train_step), (variables['params'], tx.init(variables['params']), variables['batch_stats'])
+
+
 def flax_batch_norm(train: bool, dtype, name: str):
   """flax's BatchNorm with PyTorch's momentum, for `layers.batch_norm`: the autodiff baseline of batchnorm.py."""
   import flax.linen as nn  # noqa: PLC0415 (workers set XLA_FLAGS before jax starts)

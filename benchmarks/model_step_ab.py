@@ -21,10 +21,9 @@ os.environ['XLA_FLAGS'] = cpu_runtime.merged(os.environ.get('XLA_FLAGS', ''))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from spikingformer_jax import layers, models, registry  # noqa: E402
+from spikingformer_jax import layers, registry  # noqa: E402
 
 MODEL = 'spikingformer-cifar-4-384'
 
@@ -33,20 +32,8 @@ def compiled_train_step(batch: int, spike_kernels: bool = False):
   model = registry.get_model(MODEL, spike_kernels=spike_kernels)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
-  variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.PRNGKey(2), images[:1])
-  tx = optax.adamw(5e-4, weight_decay=0.05)
-
-  def train_step(params, opt_state, batch_stats):
-    def loss_fn(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                                    mutable=['batch_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, batch_stats, loss
-
-  state = (variables['params'], tx.init(variables['params']), variables['batch_stats'])
-  return jax.jit(train_step).lower(*state).compile(), state
+  step, state = common.adamw_train_step(model, images, labels, weight_decay=0.05)
+  return step.lower(*state).compile(), state
 
 
 def main():

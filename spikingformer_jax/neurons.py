@@ -100,11 +100,11 @@ def _lif_bptt_fwd(x, cfg):
 
 def _lif_bptt_bwd(cfg, x, g):
   """grad_H[t] = g[t] sg'(H[t] - V_th) + grad_V[t] dV/dH[t],  grad_V[t-1] = grad_H[t] (1 - 1/tau)."""
-  if cfg.cpu_kernel and kernels.lif_backward_applies(x, cfg):
-    return (kernels.lif_backward(x, g, cfg),)
-  spikes, margins = _scan(x, cfg)
   grad_fn, default_alpha = get_surrogate(cfg.surrogate)
   alpha = default_alpha if cfg.alpha is None else cfg.alpha
+  if cfg.cpu_kernel and kernels.lif_backward_applies(x, cfg):
+    return (kernels.lif_backward(x, g, cfg, alpha),)
+  spikes, margins = _scan(x, cfg)
   decay = 1.0 / cfg.tau
 
   def step(grad_v, inputs):

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spikingformer_jax import surrogates
 from spikingformer_jax.kernels import build, products
 
 
@@ -19,10 +18,9 @@ def lif_backward_applies(x, cfg) -> bool:
   return cfg.surrogate == 'sigmoid' and cfg.detach_reset and products.applies(x)
 
 
-def lif_backward(x: jax.Array, g: jax.Array, cfg) -> jax.Array:
-  """The BPTT of `neurons.lif` (detach_reset, sigmoid surrogate) for input `x` and spike cotangent `g`
-  (`[T, ...]` float32), in the one-pass kernel of `lif_backward.cc`."""
-  alpha = surrogates.get_surrogate('sigmoid')[1] if cfg.alpha is None else cfg.alpha
+def lif_backward(x: jax.Array, g: jax.Array, cfg, alpha: float) -> jax.Array:
+  """The BPTT of `neurons.lif` (detach_reset, sigmoid surrogate of slope `alpha`) for input `x` and spike
+  cotangent `g` (`[T, ...]` float32), in the one-pass kernel of `lif_backward.cc`."""
   build.load()
   return jax.ffi.ffi_call(build.PREFIX + 'LifBackward', jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           vmap_method='sequential')(

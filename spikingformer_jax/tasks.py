@@ -31,9 +31,16 @@ def is_text(config) -> bool:
 
 def _build_model(config, **fields):
   """The registered model config.model.name with the config's model fields, then `fields`, then
-  config.model.overrides."""
-  return registry.get_model(config.model.name, T=config.model.T, dtype=config.model.dtype, remat=config.model.remat,
-                            spike_kernels=config.model.spike_kernels, **fields, **dict(config.model.overrides))
+  config.model.overrides, which may not set any of the others again."""
+  fields = dict(T=config.model.T, dtype=config.model.dtype, remat=config.model.remat,
+                spike_kernels=config.model.spike_kernels, **fields)
+  repeated = sorted(set(fields) & set(config.model.overrides))
+  if repeated:
+    raise configs.ConfigError(
+        f'config.model.overrides sets {", ".join(repeated)}, which the config already sets (config.model.T, '
+        f'.dtype, .remat, .spike_kernels, .num_classes, or the dataset for the text sizes): set each field in '
+        f'one place.')
+  return registry.get_model(config.model.name, **fields, **dict(config.model.overrides))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,3 +81,15 @@ def test_text_classification_adds_the_official_metrics_of_its_task():
   got = tasks.get_task(config).metrics(logits, labels, mask)
   assert set(got) == {'loss', 'top1', 'matthews', 'num_examples'} and got['num_examples'] == 3.0
   assert got['top1'] == pytest.approx(2 / 3) and got['matthews'] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('field', ['num_classes', 'T', 'spike_kernels'])
+def test_model_overrides_may_not_repeat_a_field_the_config_sets(field):
+  config = digits.get_config()
+  info = data.dataset_info(config.data)
+  config.model.overrides[field] = {'num_classes': 10, 'T': 2, 'spike_kernels': False}[field]
+  with pytest.raises(configs.ConfigError, match=f'config.model.overrides sets {field}, which the config already'):
+    tasks.get_task(config).build_model(info)
+  del config.model.overrides[field]
+  config.model.overrides.num_heads = 2
+  assert tasks.get_task(config).build_model(info).num_heads == 2

@@ -2,12 +2,13 @@
 this CPU, as main.py runs it, against that step without each CPU-side change of this release.
 
 Rows (each a fresh process, run in alternating rounds so they see the same load; medians reported):
-- shipped: `cpu_runtime.apply_cpu_flags` (XLA:CPU flags and `reuse_freed_memory`), the scatter-free max-pool
-  backward (`pooling.max_pool_3x3_s2`), the one-pass LIF backward kernel (`kernels.lif_backward`);
+- shipped: `cpu_runtime.apply_cpu_flags` (XLA:CPU flags and `reuse_freed_memory`), the max-pool of
+  `pooling.max_pool_3x3_s2` (window-view forward, scatter-free backward), the one-pass LIF backward kernel
+  (`kernels.lif_backward`);
 - glibc's default malloc: every step maps its large temporaries afresh and faults them in;
-- XLA's max-pool backward (select-and-scatter);
+- XLA's max-pool (flax's `nn.max_pool`: reduce-window forward, select-and-scatter backward);
 - XLA's LIF backward (the unrolled reverse scan);
-- all three undone (the release before these changes).
+- all three undone (the step of the 2026-11-30 release).
 Each row reports the step's median wall time, the minor page faults and kernel (sys) seconds per step,
 and the process's peak RSS. Images: the real CIFAR-10 sample (../shared/data/cifar10) when present,
 else normal noise.
@@ -28,9 +29,9 @@ from benchmarks import common
 ROWS = {
     'shipped': [],
     "glibc's default malloc": ['--default-malloc'],
-    "XLA's max-pool backward": ['--xla-pool'],
+    "XLA's max-pool (reduce-window, select-and-scatter)": ['--xla-pool'],
     "XLA's LIF backward": ['--xla-lif'],
-    'all three undone (previous release)': ['--default-malloc', '--xla-pool', '--xla-lif'],
+    'all three undone': ['--default-malloc', '--xla-pool', '--xla-lif'],
 }
 
 

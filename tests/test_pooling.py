@@ -51,9 +51,18 @@ def test_equals_flax_max_pool_and_its_xla_gradient_in_the_time_fold():
       jax.vmap(lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))(x)))
 
 
-def test_backward_has_no_select_and_scatter():
+def test_neither_pass_has_select_and_scatter_or_reduce_window():
   x = jnp.ones((2, 16, 16, 4))
   hlo = jax.jit(jax.grad(lambda v: jnp.sum(pooling.max_pool_3x3_s2(v) ** 2))).lower(x).as_text()
-  assert 'select_and_scatter' not in hlo and 'scatter' not in hlo
+  assert 'scatter' not in hlo and 'reduce_window' not in hlo
   reference = jax.jit(jax.grad(lambda v: jnp.sum(nn.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))) ** 2)))
   assert 'select_and_scatter' in reference.lower(x).as_text()
+
+
+def test_a_nan_spreads_to_every_window_holding_it_as_in_flax():
+  x = np.zeros((1, 6, 6, 1), np.float32)
+  x[0, 2, 3, 0] = np.nan
+  want = nn.max_pool(jnp.asarray(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  got = pooling.max_pool_3x3_s2(jnp.asarray(x))
+  np.testing.assert_array_equal(np.isnan(np.asarray(got)), np.isnan(np.asarray(want)))
+  assert np.isnan(np.asarray(want)).sum() == 2  # input (2, 3) lies in output row 1's windows of columns 1 and 2

@@ -29,10 +29,7 @@ def _previous_training_forward(x):
 
   from spikingformer_jax import pooling  # noqa: PLC0415
   y = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  winner = jnp.full(y.shape, 8, jnp.int8)
-  for k, view in reversed(list(enumerate(pooling._window_views(x)))):  # noqa: SLF001
-    winner = jnp.where(view == y, jnp.int8(k), winner)
-  return y, winner
+  return y, pooling.winners(pooling._window_views(x), y)  # noqa: SLF001
 
 
 def main():

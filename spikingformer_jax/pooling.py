@@ -44,13 +44,18 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return functools.reduce(lax.max, _window_views(x))
 
 
-def _forward(x):
-  views = _window_views(x)
-  y = functools.reduce(lax.max, views)
+def winners(views, y):
+  """The first window position k (int8) whose view equals the maximum `y`, for each output."""
   winner = jnp.full(y.shape, _WINDOW * _WINDOW - 1, jnp.int8)
   for k, view in reversed(list(enumerate(views))):
     winner = jnp.where(view == y, jnp.int8(k), winner)
-  return y, (winner, x.shape)
+  return winner
+
+
+def _forward(x):
+  views = _window_views(x)
+  y = functools.reduce(lax.max, views)
+  return y, (winners(views, y), x.shape)
 
 
 def _shift(v, axis):

@@ -4,11 +4,13 @@ this CPU, as main.py runs it, against that step without each CPU-side change of 
 Rows (each a fresh process, run in alternating rounds so they see the same load; medians reported):
 - shipped: `cpu_runtime.apply_cpu_flags` (XLA:CPU flags and `reuse_freed_memory`), the max-pool of
   `pooling.max_pool_3x3_s2` (window-view forward, scatter-free backward), the one-pass LIF backward kernel
-  (`kernels.lif_backward`);
+  (`kernels.lif_backward`), the stem's `layers.repeat_over_time`;
 - glibc's default malloc: every step maps its large temporaries afresh and faults them in;
 - XLA's max-pool (flax's `nn.max_pool`: reduce-window forward, select-and-scatter backward);
 - XLA's LIF backward (the unrolled reverse scan);
-- all three undone (the step of the 2026-11-30 release).
+- the stem's `broadcast_to` (its gradient a `reduce_sum` over T, which XLA:CPU hands to YNNPACK);
+- all four undone (the step of the 2026-11-30 release, but for the spike kernels' C++, which
+  `benchmarks/kernel_builds.py` compares across revisions).
 Each row reports the step's median wall time, the minor page faults and kernel (sys) seconds per step,
 and the process's peak RSS. Images: the real CIFAR-10 sample (../shared/data/cifar10) when present,
 else normal noise.
@@ -31,7 +33,8 @@ ROWS = {
     "glibc's default malloc": ['--default-malloc'],
     "XLA's max-pool (reduce-window, select-and-scatter)": ['--xla-pool'],
     "XLA's LIF backward": ['--xla-lif'],
-    'all three undone': ['--default-malloc', '--xla-pool', '--xla-lif'],
+    "the stem's broadcast_to (gradient: YNNPACK's reduce over T)": ['--broadcast-stem'],
+    'all four undone': ['--default-malloc', '--xla-pool', '--xla-lif', '--broadcast-stem'],
 }
 
 
@@ -56,7 +59,9 @@ def worker(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from spikingformer_jax import kernels, pooling, registry
+  from spikingformer_jax import kernels, layers, pooling, registry
+  if args.broadcast_stem:
+    layers.repeat_over_time = lambda x, T: jnp.broadcast_to(x[None], (T,) + x.shape)
   if args.xla_lif:
     kernels.lif_backward_applies = lambda x, cfg: False
   if args.xla_pool:
@@ -88,6 +93,7 @@ def main():
   parser.add_argument('--default-malloc', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--xla-pool', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--xla-lif', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--broadcast-stem', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--only', default='', help='rows whose name contains this (and the shipped row)')
   args = parser.parse_args()
   if args.worker:

@@ -9,7 +9,8 @@ measured on the CIFAR 4-384 training step (benchmarks/model_step.py, BENCHMARKS.
   the memory-optimised scheduler, which is also faster here (fewer fresh pages to fault in).
 On GPU and TPU these options are never read.
 
-`apply_cpu_flags` also tunes glibc's allocator when this host has no accelerator (`reuse_freed_memory`): by
+`apply_cpu_flags` also tunes glibc's allocator when this host has no accelerator (`reuse_freed_memory`; command
+lines do it first of all, `reuse_freed_memory_on_cpu`): by
 default every XLA:CPU worker thread allocates from its own arena, whose buffers above 32 MB are mapped
 and unmapped afresh, so each training step faulted in ~1 GB of new zeroed pages (3 M page faults in ten
 steps of the CIFAR 2-256 step, 12% of the CPU samples in the kernel). With one arena and no mapped chunks the step
@@ -54,9 +55,19 @@ def apply_cpu_flags(environ=os.environ) -> bool:
     logging.warning('XLA backends already initialised; the XLA:CPU flags %s are not applied.', CPU_FLAGS)
     return False
   environ['XLA_FLAGS'] = merged(environ.get('XLA_FLAGS', ''))
-  if runs_on_cpu(environ):
-    reuse_freed_memory()
+  reuse_freed_memory_on_cpu(environ)
   return True
+
+
+def reuse_freed_memory_on_cpu(environ=os.environ) -> bool:
+  """`reuse_freed_memory` where JAX computes on the CPU; False elsewhere (or without glibc).
+
+  Command lines call it before they import JAX: a thread keeps the malloc arena of its first allocation, and
+  importing JAX, Orbax and TensorStore starts threads. Called after those imports (as `apply_cpu_flags` is),
+  XLA's threads share those threads' arenas, which still map and unmap the step's large buffers afresh: in a
+  10-minute CIFAR run, a burst of ~240,000 page faults every few steps.
+  """
+  return runs_on_cpu(environ) and reuse_freed_memory()
 
 
 def runs_on_cpu(environ=os.environ) -> bool:

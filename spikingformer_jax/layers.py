@@ -14,6 +14,7 @@ elementwise passes.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -131,6 +132,29 @@ def _time_fold(fn, x):
   return sharding.pin_batch(y, 1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def repeat_over_time(x, T: int):
+  """x `[B, ...]` repeated T times on a new leading axis `[T, B, ...]` (`broadcast_to`), whose gradient sums
+  the T cotangents in T - 1 elementwise adds.
+
+  The gradient of `broadcast_to` is a `reduce_sum` over the leading axis, which XLA:CPU hands to YNNPACK:
+  26 ms for the CIFAR stem's `[4, 32, 32, 32, 32]` on this project's CPU machine, the adds 1 ms
+  (benchmarks/README.md, `cifar_cpu_step.py`).
+  """
+  return jnp.broadcast_to(x[None], (T,) + x.shape)
+
+
+def _repeat_over_time_fwd(x, T):
+  return repeat_over_time(x, T), None
+
+
+def _repeat_over_time_bwd(T, _, g):
+  return (functools.reduce(jnp.add, [g[t] for t in range(T)]),)
+
+
+repeat_over_time.defvjp(_repeat_over_time_fwd, _repeat_over_time_bwd)
+
+
 def max_pool(x, scatter_free: bool = False):
   """MaxPool2d(kernel 3, stride 2, padding 1) on `[T, B, H, W, C]` (padding never wins: -inf).
 
@@ -172,7 +196,8 @@ class SpikingTokenizer(nn.Module):
   style='spikformer' (SPS): stages 0..3 Conv-BN-LIF -> [MaxPool]; then RPE Conv-BN-LIF added to
   the features, so the output is an integer-valued sum of spikes.
   spike_kernels: the CPU path: stages 1..4, whose inputs are spikes, use the sparse CPU kernels (stage 0 reads
-  the image), and max-pooling the backward pass of `pooling.max_pool_3x3_s2`.
+  the image), max-pooling the backward pass of `pooling.max_pool_3x3_s2`, and a static image's stage-0 output
+  is repeated over T by `repeat_over_time`.
   """
   embed_dim: int
   pool: tuple[bool, bool, bool, bool]
@@ -197,7 +222,7 @@ class SpikingTokenizer(nn.Module):
       x = stage0(x, train)
     elif self.stem_once:
       x = stage0(x, train, repeats=self.T)
-      x = jnp.broadcast_to(x[None], (self.T,) + x.shape)
+      x = repeat_over_time(x, self.T) if self.spike_kernels else jnp.broadcast_to(x[None], (self.T,) + x.shape)
     else:
       x = stage0(jnp.broadcast_to(x[None], (self.T,) + x.shape), train)
     if self.style == 'spikformer':

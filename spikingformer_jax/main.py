@@ -16,12 +16,16 @@ Exit status: 0 done; 1 an error, reported in one line (config, checkpoint, run l
 """
 from __future__ import annotations
 
-import json
-import logging as python_logging
-import sys
+from spikingformer_jax import cpu_runtime
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+cpu_runtime.reuse_freed_memory_on_cpu()  # Before any import starts a thread (see the function).
+
+import json  # noqa: E402
+import logging as python_logging  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (with optional :args).',
@@ -51,8 +55,8 @@ def main(argv):
   del argv
   import jax  # noqa: PLC0415 (after flags: jax config)
 
-  from spikingformer_jax import (checkpoint, compile_cache, configs, console, cpu_runtime, data,  # noqa: PLC0415
-                                 evaluate_only, paths, run_lock, train)
+  from spikingformer_jax import (checkpoint, compile_cache, configs, console, data, evaluate_only,  # noqa: PLC0415
+                                 paths, run_lock, train)
   from spikingformer_jax.porting import weights  # noqa: PLC0415
 
   cpu_runtime.apply_cpu_flags()

@@ -1,5 +1,6 @@
 """cpu_runtime: XLA:CPU options merged with the user's XLA_FLAGS and read by XLA; freed heap reused, or
 returned to the OS."""
+import os
 import pathlib
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from spikingformer_jax import cpu_runtime
 
@@ -75,6 +77,32 @@ def test_reuse_freed_memory_stops_faulting_in_each_fresh_buffer():
   """glibc maps a 64 MB block afresh on every malloc (16,384 page faults each); reused heap faults no more."""
   assert _page_faults_of_ten_buffers('default') > 10 * 16384 * 0.9
   assert _page_faults_of_ten_buffers('reuse') < 16384
+
+
+_ARENA_PROBE = '''
+import ctypes, importlib, sys
+importlib.import_module(sys.argv[1])
+import jax, jax.numpy as jnp
+from spikingformer_jax import train  # Orbax and TensorStore start their threads
+x = jnp.ones((512, 512))
+(x @ x).block_until_ready()
+ctypes.CDLL(None).malloc_stats()  # glibc: an "Arena N:" paragraph per malloc arena, on stderr
+'''
+
+
+def _malloc_arenas_after_importing(module):
+  out = subprocess.run([sys.executable, '-c', _ARENA_PROBE, module], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  return len(re.findall(r'^Arena \d+:', out.stderr, re.M))
+
+
+@pytest.mark.skipif(cpu_runtime._libc() is None, reason='glibc only (malloc arenas, malloc_stats)')
+def test_the_command_line_keeps_every_thread_on_one_malloc_arena():
+  """main.py tunes malloc before an import starts a thread, so XLA's threads allocate from the one arena
+  (whose freed step buffers are reused); imported first, JAX's threads take arenas of their own."""
+  assert _malloc_arenas_after_importing('spikingformer_jax.main') == 1
+  assert _malloc_arenas_after_importing('jax') > 1
 
 
 def test_runs_on_cpu_follows_jax_platforms():

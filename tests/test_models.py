@@ -9,7 +9,7 @@ from flax import traverse_util
 from conftest import shared_path
 from jax._src.ad_checkpoint import saved_residuals
 
-from spikingformer_jax import models, registry
+from spikingformer_jax import layers, models, registry
 from spikingformer_jax.analysis import audit
 from spikingformer_jax.porting import torch_mapping
 from spikingformer_jax.kernels import build
@@ -161,6 +161,17 @@ def _loss_grads_stats(model, variables, x):
     return jnp.sum(jnp.sin(logits)), state
   (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
   return value, grads, state
+
+
+def test_repeat_over_time_is_a_broadcast_whose_gradient_sums_the_steps_without_a_reduce():
+  """Values: x at every step; gradient: the sum over T of the cotangent (NumPy), as adds, not XLA's reduce."""
+  x = np.random.RandomState(0).randn(3, 5, 4).astype(np.float32)
+  g = np.random.RandomState(1).randn(4, 3, 5, 4).astype(np.float32)
+  grad = jax.jit(lambda a, ct: jax.vjp(lambda b: layers.repeat_over_time(b, 4), a)[1](ct)[0])
+  y = layers.repeat_over_time(jnp.asarray(x), 4)
+  np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(x, (4, 3, 5, 4)))
+  np.testing.assert_allclose(np.asarray(grad(x, g)), g.sum(0), rtol=1e-6, atol=1e-6)
+  assert ' reduce(' not in grad.lower(x, g).compile().as_text()
 
 
 def test_stem_once_equals_the_stem_at_every_step():

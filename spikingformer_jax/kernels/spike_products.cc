@@ -161,20 +161,8 @@ void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t
 #endif
 }
 
-// The number of non-zero entries of row[0:n].
-int64_t CountNonZero(const float* __restrict row, int64_t n) {
-  int64_t count = 0;
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  for (; j + 16 <= n; j += 16)
-    count += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), _mm512_setzero_ps(), _CMP_NEQ_UQ));
-#endif
-  for (; j < n; ++j) count += row[j] != 0.0f;
-  return count;
-}
-
-// Writes the positions and values of the non-zero entries of row[0:n], exactly as many as there are.
-void CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx, float* __restrict val) {
+// Writes the positions and values of the non-zero entries of row[0:n] and returns how many there are.
+int64_t CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx, float* __restrict val) {
   int64_t count = 0;
   int64_t j = 0;
 #if defined(__AVX512F__)
@@ -184,7 +172,7 @@ void CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx
     const __mmask16 nz = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     if (!nz) continue;
     // Compress in registers, then a masked store of the first popcount lanes (compressing straight to
-    // memory is slow on some CPUs; the mask keeps the neighbouring rows' entries intact).
+    // memory is slow on some CPUs; the mask keeps the entries after them intact).
     const int m = __builtin_popcount(nz);
     const __mmask16 first = static_cast<__mmask16>((1u << m) - 1u);
     _mm512_mask_storeu_epi32(idx + count, first,
@@ -211,56 +199,69 @@ void CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx
       ++count;
     }
   }
+  return count;
 }
 
-// Rows of a [rows, cols] matrix compressed to their non-zero entries (CSR), built in parallel.
-struct CompressedRows {
-  std::vector<int64_t> start;  // rows + 1
+// The rows of a [rows, cols] matrix compressed to their non-zero entries in one parallel pass over it. Chunk k
+// of kRowsPerChunk rows writes its entries from position k * kRowsPerChunk * cols of one uninitialised
+// [rows * cols] array, so no chunk waits for another's count; only the pages the entries fill are touched.
+class ChunkedRows {
+ public:
+  static constexpr int64_t kRowsPerChunk = 256;
+
+  ChunkedRows(ffi::ThreadPool& pool, const float* a, int64_t rows, int64_t cols)
+      : rows_(rows), idx_(new int32_t[rows * cols]), val_(new float[rows * cols]), begin_(rows), count_(rows) {
+    ParallelFor(pool, (rows + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t k) {
+      const int64_t r0 = k * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
+      int64_t at = r0 * cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        begin_[r] = at;
+        count_[r] = CompressRow(a + r * cols, cols, idx_.get() + at, val_.get() + at);
+        at += count_[r];
+      }
+    });
+  }
+
+  int64_t rows() const { return rows_; }
+  // Row r's entries as a segment whose positions are shifted by `offset`.
+  Segment Row(int64_t r, int64_t offset) const {
+    return Segment{idx_.get() + begin_[r], val_.get() + begin_[r], count_[r], offset};
+  }
+
+ private:
+  int64_t rows_;
+  std::unique_ptr<int32_t[]> idx_;
+  std::unique_ptr<float[]> val_;
+  std::vector<int64_t> begin_, count_;
+};
+
+// A matrix's columns as lists of (row, value) entries in increasing row order (compressed sparse columns).
+struct CompressedColumns {
+  std::vector<int64_t> start;  // cols + 1
   std::vector<int32_t> idx;
   std::vector<float> val;
 };
 
-CompressedRows CompressRows(ffi::ThreadPool& pool, const float* a, int64_t rows, int64_t cols) {
-  constexpr int64_t kRowsPerChunk = 256;
-  const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  CompressedRows c;
-  c.start.assign(rows + 1, 0);
-  ParallelFor(pool, chunks, [&](int64_t k) {
-    for (int64_t r = k * kRowsPerChunk; r < std::min(rows, (k + 1) * kRowsPerChunk); ++r)
-      c.start[r + 1] = CountNonZero(a + r * cols, cols);
-  });
-  for (int64_t r = 0; r < rows; ++r) c.start[r + 1] += c.start[r];
-  c.idx.resize(c.start[rows]);
-  c.val.resize(c.start[rows]);
-  ParallelFor(pool, chunks, [&](int64_t k) {
-    for (int64_t r = k * kRowsPerChunk; r < std::min(rows, (k + 1) * kRowsPerChunk); ++r)
-      CompressRow(a + r * cols, cols, c.idx.data() + c.start[r], c.val.data() + c.start[r]);
-  });
-  return c;
-}
-
-// The transpose of a CSR matrix with `cols` columns: for each column, its rows in increasing order.
-CompressedRows Transpose(const CompressedRows& r, int64_t rows, int64_t cols) {
-  CompressedRows t;
+CompressedColumns Transpose(const ChunkedRows& r, int64_t cols) {
+  CompressedColumns t;
   t.start.assign(cols + 1, 0);
-  const int64_t nnz = r.start[rows];
-  for (int64_t i = 0; i < nnz; ++i) ++t.start[r.idx[i] + 1];
+  for (int64_t row = 0; row < r.rows(); ++row) {
+    const Segment s = r.Row(row, 0);
+    for (int64_t i = 0; i < s.n; ++i) ++t.start[s.idx[i] + 1];
+  }
   for (int64_t j = 0; j < cols; ++j) t.start[j + 1] += t.start[j];
-  t.idx.resize(nnz);
-  t.val.resize(nnz);
+  t.idx.resize(t.start[cols]);
+  t.val.resize(t.start[cols]);
   std::vector<int64_t> fill(t.start.begin(), t.start.end() - 1);
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t i = r.start[row]; i < r.start[row + 1]; ++i) {
-      const int64_t at = fill[r.idx[i]]++;
+  for (int64_t row = 0; row < r.rows(); ++row) {
+    const Segment s = r.Row(row, 0);
+    for (int64_t i = 0; i < s.n; ++i) {
+      const int64_t at = fill[s.idx[i]]++;
       t.idx[at] = static_cast<int32_t>(row);
-      t.val[at] = r.val[i];
+      t.val[at] = s.val[i];
     }
   }
   return t;
-}
-
-Segment RowSegment(const CompressedRows& c, int64_t row, int64_t offset) {
-  return Segment{c.idx.data() + c.start[row], c.val.data() + c.start[row], c.start[row + 1] - c.start[row], offset};
 }
 
 ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, Matrix a, Matrix w,
@@ -268,7 +269,7 @@ ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, Matrix a, Matrix w,
   const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = w.dimensions()[1];
   if (w.dimensions()[0] != k) return ffi::Error::InvalidArgument("SpikeMatmul: a is [M, K], w must be [K, N]");
   if (!Indexable(m, k)) return TooLarge("SpikeMatmul");
-  const CompressedRows rows = CompressRows(pool, a.typed_data(), m, k);
+  const ChunkedRows rows(pool, a.typed_data(), m, k);
   constexpr int64_t kRowsPerChunk = 128;  // rows that share each [K, kTile] tile of w while it is in cache
   const float* wd = w.typed_data();
   float* y = out->typed_data();
@@ -276,7 +277,7 @@ ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, Matrix a, Matrix w,
     const int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(m, r0 + kRowsPerChunk);
     for (int64_t n0 = 0; n0 < n; n0 += kTile) {
       for (int64_t r = r0; r < r1; ++r) {
-        const Segment seg = RowSegment(rows, r, 0);
+        const Segment seg = rows.Row(r, 0);
         AccumulateTile(y + r * n + n0, wd + n0, n, &seg, 1, std::min(kTile, n - n0));
       }
     }
@@ -289,7 +290,7 @@ ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, Matrix a, Matrix w,
 // output columns it walks the rows r in blocks of kRowBlock, so the rows of g that a block reaches stay
 // in cache while every column of the chunk takes its entries from them; `cursor` remembers where each
 // column's (sorted) row list left off.
-void TransposedProduct(ffi::ThreadPool& pool, const CompressedRows& cols, int64_t rows, int64_t k,
+void TransposedProduct(ffi::ThreadPool& pool, const CompressedColumns& cols, int64_t rows, int64_t k,
                        const float* g, int64_t n, const std::vector<int64_t>& offsets, float* out,
                        int64_t out_stride) {
   constexpr int64_t kRowBlock = 512;
@@ -321,7 +322,7 @@ ffi::Error SpikeMatmulTImpl(ffi::ThreadPool pool, Matrix a, Matrix g, ffi::Resul
   const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = g.dimensions()[1];
   if (g.dimensions()[0] != m) return ffi::Error::InvalidArgument("SpikeMatmulT: a is [M, K], g must be [M, N]");
   if (!Indexable(m, k)) return TooLarge("SpikeMatmulT");
-  const CompressedRows cols = Transpose(CompressRows(pool, a.typed_data(), m, k), m, k);
+  const CompressedColumns cols = Transpose(ChunkedRows(pool, a.typed_data(), m, k), k);
   TransposedProduct(pool, cols, m, k, g.typed_data(), n, {0}, out->typed_data(), 0);
   return ffi::Error::Success();
 }
@@ -334,7 +335,7 @@ ffi::Error SpikeConv3x3Impl(ffi::ThreadPool pool, Image a, Image w,
   if (w.dimensions()[0] != 3 || w.dimensions()[1] != 3 || w.dimensions()[2] != c)
     return ffi::Error::InvalidArgument("SpikeConv3x3: w must be [3, 3, C, O] with C = a's last dimension");
   if (!Indexable(b * hp * wp, c)) return TooLarge("SpikeConv3x3");
-  const CompressedRows pix = CompressRows(pool, a.typed_data(), b * hp * wp, c);
+  const ChunkedRows pix(pool, a.typed_data(), b * hp * wp, c);
   const float* wdata = w.typed_data();
   float* y = out->typed_data();
   // Weight row (tap * C + channel): a pixel's channel list indexes rows with offset tap * C.
@@ -347,7 +348,7 @@ ffi::Error SpikeConv3x3Impl(ffi::ThreadPool pool, Image a, Image w,
           int s = 0;
           for (int64_t dy = 0; dy < 3; ++dy)
             for (int64_t dx = 0; dx < 3; ++dx)
-              segs[s++] = RowSegment(pix, (bi * hp + yi + dy) * wp + xi + dx, (dy * 3 + dx) * c);
+              segs[s++] = pix.Row((bi * hp + yi + dy) * wp + xi + dx, (dy * 3 + dx) * c);
           AccumulateTile(y + ((bi * h + yi) * wd + xi) * o + n0, wdata + n0, o, segs, 9, std::min(kTile, o - n0));
         }
       }
@@ -368,7 +369,7 @@ ffi::Error SpikeConv3x3WGradImpl(ffi::ThreadPool pool, Image a, Image g, ffi::Re
     return ffi::Error::InvalidArgument("SpikeConv3x3WGrad: g must be zero-padded like a: [B, H+2, W+2, O]");
   const int64_t pixels = b * hp * wp;
   if (!Indexable(pixels, c)) return TooLarge("SpikeConv3x3WGrad");
-  const CompressedRows chan = Transpose(CompressRows(pool, a.typed_data(), pixels, c), pixels, c);
+  const CompressedColumns chan = Transpose(ChunkedRows(pool, a.typed_data(), pixels, c), c);
   std::vector<int64_t> offsets;
   for (int64_t dy = 0; dy < 3; ++dy)
     for (int64_t dx = 0; dx < 3; ++dx) offsets.push_back((1 - dy) * wp + (1 - dx));

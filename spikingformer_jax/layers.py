@@ -49,6 +49,10 @@ def _spike_operand_jvp(primals, tangents):
   return checkpoint_name(x.astype(jnp.int8), SPIKE_OPERAND).astype(x.dtype), x_dot
 
 
+# The kernels' product for a `spike_operand` (integers in [-128, 127]), which they read as int8.
+INTEGER_SPIKE_DOT = functools.partial(kernels.dot_general, integer_lhs=True)
+
+
 def product_out(y):
   return checkpoint_name(y, PRODUCT_OUT)
 
@@ -93,7 +97,8 @@ class ChannelDense(nn.Module):
 
   Its input is spikes or small integer counts (`spike_operand`).
 
-  spike_kernels: the product goes through `kernels.dot_general` (sparse on the CPU; same parameters).
+  spike_kernels: the product goes through `kernels.dot_general` (sparse on the CPU; same parameters), which reads
+  the spike operand as int8.
   """
   features: int
   use_bias: bool
@@ -105,7 +110,7 @@ class ChannelDense(nn.Module):
     fan_in = x.shape[-1]
     y = nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in),
-                 dot_general=kernels.dot_general if self.spike_kernels else None, name='dense')(spike_operand(x))
+                 dot_general=INTEGER_SPIKE_DOT if self.spike_kernels else None, name='dense')(spike_operand(x))
     return product_out(sharding.keep_batch_split(y, 1))  # [T, B, N, D]
 
 
@@ -169,7 +174,8 @@ class ConvBN(nn.Module):
   """3x3 stride-1 conv (no bias) then BatchNorm, on `[T, B, H, W, C]` (or `[B, H, W, C]`, see `repeats`).
 
   spike_input: the input is spikes or small integer counts (`spike_operand`); False for the image.
-  spike_kernels: the conv goes through `kernels.conv_general_dilated` (sparse on the CPU; same parameters).
+  spike_kernels: the conv goes through `kernels.conv_general_dilated` (sparse on the CPU; same parameters), which
+  reads a spike input as int8.
   """
   features: int
   dtype: Dtype = jnp.float32
@@ -181,7 +187,8 @@ class ConvBN(nn.Module):
     """`repeats`: a `[B, H, W, C]` x stands for that many identical time steps (BatchNorm counts them)."""
     conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
                    param_dtype=jnp.float32, kernel_init=conv_kernel_init,
-                   conv_general_dilated=kernels.conv_general_dilated if self.spike_kernels else None,
+                   conv_general_dilated=(functools.partial(kernels.conv_general_dilated, integer_lhs=self.spike_input)
+                                         if self.spike_kernels else None),
                    name='conv')
     x = spike_operand(x) if self.spike_input else x
     x = product_out(sharding.keep_batch_split(conv(x), 0) if x.ndim == 4 else _time_fold(conv, x))

@@ -88,6 +88,49 @@ def test_spike_conv3x3_and_its_gradients_equal_numpy(b, h, w_, c, o, density):
     np.testing.assert_allclose(np.asarray(grad_a).ravel()[i], diff, rtol=1e-4, atol=1e-4)
 
 
+def _integers(rng, shape, density):
+  """Sparse integer counts in [-128, 127], the ends included."""
+  values = rng.choice([-128, -3, -1, 1, 2, 3, 127], size=shape)
+  return np.where(rng.uniform(size=shape) < density, values, 0).astype(np.float32)
+
+
+def _custom_call_operands(fn, *args) -> list[str]:
+  return [line for line in jax.jit(fn).lower(*args).as_text().splitlines() if 'custom_call @' in line]
+
+
+@pytest.mark.parametrize('m,k,n,density', [(64, 37, 77, 0.2), (300, 130, 260, 0.1), (20, 19, 145, 1.0),
+                                           (0, 16, 20, 0.5)])
+def test_integer_operands_go_to_the_kernels_as_int8_with_the_same_products_and_gradients(m, k, n, density):
+  """integer_a: a matmul of counts in [-128, 127] and its gradients equal NumPy's; the kernels read int8."""
+  rng = np.random.default_rng(m + k + n)
+  a, w, g = _integers(rng, (m, k), density), rng.normal(size=(k, n)).astype(np.float32), \
+      rng.normal(size=(m, n)).astype(np.float32)
+  matmul = lambda a_, w_: kernels.spike_matmul(a_, w_, True)
+  y, pullback = jax.vjp(matmul, jnp.asarray(a), jnp.asarray(w))
+  grad_a, grad_w = pullback(jnp.asarray(g))
+  a64, w64, g64 = (x.astype(np.float64) for x in (a, w, g))
+  np.testing.assert_allclose(np.asarray(y), a64 @ w64, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(grad_w), a64.T @ g64, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(grad_a), g64 @ w64.T, rtol=1e-5, atol=1e-4)
+  forward_and_back = lambda a_, w_: (lambda y_, pull: (y_, pull(jnp.asarray(g))))(*jax.vjp(matmul, a_, w_))
+  calls = _custom_call_operands(forward_and_back, a, w)
+  assert len(calls) == 2 and all(f'tensor<{m}x{k}xi8>' in line for line in calls), calls
+
+
+def test_integer_conv_operand_goes_to_the_kernels_as_int8_with_the_same_products_and_gradients():
+  rng = np.random.default_rng(7)
+  a, w = _integers(rng, (2, 6, 5, 9), 0.3), rng.normal(size=(3, 3, 9, 20)).astype(np.float32)
+  r = rng.normal(size=(2, 6, 5, 20)).astype(np.float32)
+  loss = lambda integer: (lambda a_, w_: (kernels.spike_conv3x3(a_, w_, integer) * r).sum())
+  np.testing.assert_allclose(np.asarray(kernels.spike_conv3x3(jnp.asarray(a), jnp.asarray(w), True)),
+                             _conv3x3_numpy(a, w), rtol=1e-5, atol=1e-3)
+  for got, want in zip(jax.grad(loss(True), (0, 1))(jnp.asarray(a), jnp.asarray(w)),
+                       jax.grad(loss(False), (0, 1))(jnp.asarray(a), jnp.asarray(w))):  # float path: tested above
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
+  calls = _custom_call_operands(jax.value_and_grad(loss(True), (0, 1)), a, w)
+  assert len(calls) == 2 and all('tensor<2x8x7x9xi8>' in line for line in calls), calls
+
+
 LIF_CASES = [(tau, v_th, v_reset, decay_input, shape) for (tau, v_th), v_reset, decay_input, shape in zip(
     [(2.0, 1.0), (1.5, 0.5), (2.0, 0.5), (3.0, 1.0)], [0.0, None, -0.2, 0.0], [True, True, False, False],
     [(4, 3, 17), (6, 1300), (1, 5), (16, 2, 2, 300)])]

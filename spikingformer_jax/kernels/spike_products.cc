@@ -4,7 +4,9 @@
 // the list of its non-zero entries and accumulate only the matching weight (or gradient) rows, so the
 // work scales with the spike density (0.03-0.26 in Spikingformer). Each entry is multiplied by its
 // value, so the products are right for any operand, binary or not; the sums run in the order of the
-// non-zero entries, so results differ from a GEMM's only by float rounding.
+// non-zero entries, so results differ from a GEMM's only by float rounding. The spike operand `a` is float32,
+// or int8 when it holds spikes or small integer counts: a quarter of the bytes for the step to write and the
+// kernels to read.
 //
 //   SpikeMatmul   out[M, N] = a[M, K] @ w[K, N]
 //   SpikeMatmulT  out[K, N] = a[M, K]^T @ g[M, N]                    (the weight gradient)
@@ -22,6 +24,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -202,6 +205,45 @@ int64_t CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict 
   return count;
 }
 
+// CompressRow for a row of small integers (int8), whose values are written as floats.
+int64_t CompressRow(const int8_t* __restrict row, int64_t n, int32_t* __restrict idx, float* __restrict val) {
+  int64_t count = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= n; j += 16) {
+    const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+    const __mmask16 nz = _mm512_test_epi32_mask(x, x);
+    if (!nz) continue;
+    const int m = __builtin_popcount(nz);
+    const __mmask16 first = static_cast<__mmask16>((1u << m) - 1u);
+    _mm512_mask_storeu_epi32(idx + count, first,
+                             _mm512_maskz_compress_epi32(nz, _mm512_add_epi32(lane, _mm512_set1_epi32(j))));
+    _mm512_mask_storeu_ps(val + count, first, _mm512_cvtepi32_ps(_mm512_maskz_compress_epi32(nz, x)));
+    count += m;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (; j + 32 <= n; j += 32) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+    for (unsigned nz = ~static_cast<unsigned>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, _mm256_setzero_si256())));
+         nz; nz &= nz - 1) {
+      const int64_t at = j + __builtin_ctz(nz);
+      idx[count] = static_cast<int32_t>(at);
+      val[count] = static_cast<float>(row[at]);
+      ++count;
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    if (row[j] != 0) {
+      idx[count] = static_cast<int32_t>(j);
+      val[count] = static_cast<float>(row[j]);
+      ++count;
+    }
+  }
+  return count;
+}
+
 // The rows of a [rows, cols] matrix compressed to their non-zero entries in one parallel pass over it. Chunk k
 // of kRowsPerChunk rows writes its entries from position k * kRowsPerChunk * cols of one uninitialised
 // [rows * cols] array, so no chunk waits for another's count; only the pages the entries fill are touched.
@@ -209,7 +251,8 @@ class ChunkedRows {
  public:
   static constexpr int64_t kRowsPerChunk = 256;
 
-  ChunkedRows(ffi::ThreadPool& pool, const float* a, int64_t rows, int64_t cols)
+  template <typename T>  // float or int8_t
+  ChunkedRows(ffi::ThreadPool& pool, const T* a, int64_t rows, int64_t cols)
       : rows_(rows), idx_(new int32_t[rows * cols]), val_(new float[rows * cols]), begin_(rows), count_(rows) {
     ParallelFor(pool, (rows + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t k) {
       const int64_t r0 = k * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
@@ -234,6 +277,19 @@ class ChunkedRows {
   std::unique_ptr<float[]> val_;
   std::vector<int64_t> begin_, count_;
 };
+
+// `a` ([rows, cols]: float32, or int8 for spikes and small integer counts) compressed; nullopt for any other type.
+std::optional<ChunkedRows> Compress(ffi::ThreadPool& pool, const ffi::AnyBuffer& a, int64_t rows, int64_t cols) {
+  switch (a.element_type()) {
+    case ffi::DataType::F32: return ChunkedRows(pool, a.typed_data<float>(), rows, cols);
+    case ffi::DataType::S8: return ChunkedRows(pool, a.typed_data<int8_t>(), rows, cols);
+    default: return std::nullopt;
+  }
+}
+
+ffi::Error NotSpikes(const char* kernel) {
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": the spike operand must be float32 or int8");
+}
 
 // A matrix's columns as lists of (row, value) entries in increasing row order (compressed sparse columns).
 struct CompressedColumns {
@@ -264,12 +320,15 @@ CompressedColumns Transpose(const ChunkedRows& r, int64_t cols) {
   return t;
 }
 
-ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, Matrix a, Matrix w,
+ffi::Error SpikeMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, Matrix w,
                            ffi::Result<Matrix> out) {
+  if (a.dimensions().size() != 2) return ffi::Error::InvalidArgument("SpikeMatmul: a must be [M, K]");
   const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = w.dimensions()[1];
   if (w.dimensions()[0] != k) return ffi::Error::InvalidArgument("SpikeMatmul: a is [M, K], w must be [K, N]");
   if (!Indexable(m, k)) return TooLarge("SpikeMatmul");
-  const ChunkedRows rows(pool, a.typed_data(), m, k);
+  const std::optional<ChunkedRows> compressed = Compress(pool, a, m, k);
+  if (!compressed) return NotSpikes("SpikeMatmul");
+  const ChunkedRows& rows = *compressed;
   constexpr int64_t kRowsPerChunk = 128;  // rows that share each [K, kTile] tile of w while it is in cache
   const float* wd = w.typed_data();
   float* y = out->typed_data();
@@ -318,24 +377,30 @@ void TransposedProduct(ffi::ThreadPool& pool, const CompressedColumns& cols, int
   });
 }
 
-ffi::Error SpikeMatmulTImpl(ffi::ThreadPool pool, Matrix a, Matrix g, ffi::Result<Matrix> out) {
+ffi::Error SpikeMatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, Matrix g, ffi::Result<Matrix> out) {
+  if (a.dimensions().size() != 2) return ffi::Error::InvalidArgument("SpikeMatmulT: a must be [M, K]");
   const int64_t m = a.dimensions()[0], k = a.dimensions()[1], n = g.dimensions()[1];
   if (g.dimensions()[0] != m) return ffi::Error::InvalidArgument("SpikeMatmulT: a is [M, K], g must be [M, N]");
   if (!Indexable(m, k)) return TooLarge("SpikeMatmulT");
-  const CompressedColumns cols = Transpose(ChunkedRows(pool, a.typed_data(), m, k), k);
+  const std::optional<ChunkedRows> compressed = Compress(pool, a, m, k);
+  if (!compressed) return NotSpikes("SpikeMatmulT");
+  const CompressedColumns cols = Transpose(*compressed, k);
   TransposedProduct(pool, cols, m, k, g.typed_data(), n, {0}, out->typed_data(), 0);
   return ffi::Error::Success();
 }
 
 // a: [B, H+2, W+2, C] zero-padded spikes; w: [3, 3, C, O]; out: [B, H, W, O].
-ffi::Error SpikeConv3x3Impl(ffi::ThreadPool pool, Image a, Image w,
+ffi::Error SpikeConv3x3Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, Image w,
                             ffi::Result<Image> out) {
+  if (a.dimensions().size() != 4) return ffi::Error::InvalidArgument("SpikeConv3x3: a must be [B, H+2, W+2, C]");
   const int64_t b = a.dimensions()[0], hp = a.dimensions()[1], wp = a.dimensions()[2], c = a.dimensions()[3];
   const int64_t o = w.dimensions()[3], h = hp - 2, wd = wp - 2;
   if (w.dimensions()[0] != 3 || w.dimensions()[1] != 3 || w.dimensions()[2] != c)
     return ffi::Error::InvalidArgument("SpikeConv3x3: w must be [3, 3, C, O] with C = a's last dimension");
   if (!Indexable(b * hp * wp, c)) return TooLarge("SpikeConv3x3");
-  const ChunkedRows pix(pool, a.typed_data(), b * hp * wp, c);
+  const std::optional<ChunkedRows> compressed = Compress(pool, a, b * hp * wp, c);
+  if (!compressed) return NotSpikes("SpikeConv3x3");
+  const ChunkedRows& pix = *compressed;
   const float* wdata = w.typed_data();
   float* y = out->typed_data();
   // Weight row (tap * C + channel): a pixel's channel list indexes rows with offset tap * C.
@@ -362,14 +427,17 @@ ffi::Error SpikeConv3x3Impl(ffi::ThreadPool pool, Image a, Image w,
 // With q = p + (dy, dx) the padded pixel where channel c spikes, p sits at padded flat index
 // q + (1 - dy) * (W + 2) + (1 - dx): a row offset per tap on the transposed product, which never leaves
 // the padded frame because spikes only lie inside it (outside the image, g's padding is zero).
-ffi::Error SpikeConv3x3WGradImpl(ffi::ThreadPool pool, Image a, Image g, ffi::Result<Image> out) {
+ffi::Error SpikeConv3x3WGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, Image g, ffi::Result<Image> out) {
+  if (a.dimensions().size() != 4) return ffi::Error::InvalidArgument("SpikeConv3x3WGrad: a must be [B, H+2, W+2, C]");
   const int64_t b = a.dimensions()[0], hp = a.dimensions()[1], wp = a.dimensions()[2], c = a.dimensions()[3];
   const int64_t o = g.dimensions()[3];
   if (g.dimensions()[0] != b || g.dimensions()[1] != hp || g.dimensions()[2] != wp)
     return ffi::Error::InvalidArgument("SpikeConv3x3WGrad: g must be zero-padded like a: [B, H+2, W+2, O]");
   const int64_t pixels = b * hp * wp;
   if (!Indexable(pixels, c)) return TooLarge("SpikeConv3x3WGrad");
-  const CompressedColumns chan = Transpose(ChunkedRows(pool, a.typed_data(), pixels, c), c);
+  const std::optional<ChunkedRows> compressed = Compress(pool, a, pixels, c);
+  if (!compressed) return NotSpikes("SpikeConv3x3WGrad");
+  const CompressedColumns chan = Transpose(*compressed, c);
   std::vector<int64_t> offsets;
   for (int64_t dy = 0; dy < 3; ++dy)
     for (int64_t dx = 0; dx < 3; ++dx) offsets.push_back((1 - dy) * wp + (1 - dx));
@@ -377,10 +445,10 @@ ffi::Error SpikeConv3x3WGradImpl(ffi::ThreadPool pool, Image a, Image g, ffi::Re
   return ffi::Error::Success();
 }
 
-// Every kernel: XLA's intra-op thread pool, two float32 operands, one float32 result.
+// Every kernel: XLA's intra-op thread pool, the spike operand (float32 or int8), a float32 operand, a float32 result.
 template <typename Buffer>
 auto BindTwoToOne() {
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Buffer>().template Arg<Buffer>().template Ret<Buffer>();
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().template Arg<Buffer>().template Ret<Buffer>();
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 """The CPU kernels (spikingformer_jax.kernels): products, their gradients and the LIF BPTT against NumPy float64,
 the flax adapters' fall-backs, a model and its training step with and without them, the build's errors."""
 import functools
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -129,6 +131,19 @@ def test_integer_conv_operand_goes_to_the_kernels_as_int8_with_the_same_products
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
   calls = _custom_call_operands(jax.value_and_grad(loss(True), (0, 1)), a, w)
   assert len(calls) == 2 and all('tensor<2x8x7x9xi8>' in line for line in calls), calls
+
+
+@pytest.mark.parametrize('cflags', ['-mno-avx512f', '-mno-avx512f -mno-avx2 -mno-fma'])
+def test_the_avx2_and_portable_builds_pass_the_product_tests(cflags):
+  """The kernels built without AVX-512 (the AVX2 + FMA paths) and without either (the portable loops), as on CPUs
+  that lack them: the product tests above, float32 and int8 operands, in a process of their own."""
+  if build.load().SpikeKernelsVectorized() < 2:
+    pytest.skip('this CPU has no AVX-512: the default build already tests the narrower paths')
+  result = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(pathlib.Path(__file__)),
+       '-k', 'equal_numpy or integer'], capture_output=True, text=True, cwd=REPO, timeout=900,
+      env=dict(os.environ, SPIKINGFORMER_KERNEL_CFLAGS=cflags, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
 LIF_CASES = [(tau, v_th, v_reset, decay_input, shape) for (tau, v_th), v_reset, decay_input, shape in zip(

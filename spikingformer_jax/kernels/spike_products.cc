@@ -164,24 +164,29 @@ void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t
 #endif
 }
 
+#if defined(__AVX512F__)
+// Writes the lanes of x that `nz` selects, and their positions j + lane, to idx and val; returns how many.
+int StoreSelectedLanes(__mmask16 nz, int64_t j, __m512 x, int32_t* __restrict idx, float* __restrict val) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Compress in registers, then a masked store of the first popcount lanes (compressing straight to
+  // memory is slow on some CPUs; the mask keeps the entries after them intact).
+  const int m = __builtin_popcount(nz);
+  const __mmask16 first = static_cast<__mmask16>((1u << m) - 1u);
+  _mm512_mask_storeu_epi32(idx, first, _mm512_maskz_compress_epi32(nz, _mm512_add_epi32(lane, _mm512_set1_epi32(j))));
+  _mm512_mask_storeu_ps(val, first, _mm512_maskz_compress_ps(nz, x));
+  return m;
+}
+#endif
+
 // Writes the positions and values of the non-zero entries of row[0:n] and returns how many there are.
 int64_t CompressRow(const float* __restrict row, int64_t n, int32_t* __restrict idx, float* __restrict val) {
   int64_t count = 0;
   int64_t j = 0;
 #if defined(__AVX512F__)
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= n; j += 16) {
     const __m512 x = _mm512_loadu_ps(row + j);
     const __mmask16 nz = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    if (!nz) continue;
-    // Compress in registers, then a masked store of the first popcount lanes (compressing straight to
-    // memory is slow on some CPUs; the mask keeps the entries after them intact).
-    const int m = __builtin_popcount(nz);
-    const __mmask16 first = static_cast<__mmask16>((1u << m) - 1u);
-    _mm512_mask_storeu_epi32(idx + count, first,
-                             _mm512_maskz_compress_epi32(nz, _mm512_add_epi32(lane, _mm512_set1_epi32(j))));
-    _mm512_mask_storeu_ps(val + count, first, _mm512_maskz_compress_ps(nz, x));
-    count += m;
+    if (nz) count += StoreSelectedLanes(nz, j, x, idx + count, val + count);
   }
 #elif defined(__AVX2__) && defined(__FMA__)
   for (; j + 8 <= n; j += 8) {
@@ -210,17 +215,10 @@ int64_t CompressRow(const int8_t* __restrict row, int64_t n, int32_t* __restrict
   int64_t count = 0;
   int64_t j = 0;
 #if defined(__AVX512F__)
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= n; j += 16) {
     const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
     const __mmask16 nz = _mm512_test_epi32_mask(x, x);
-    if (!nz) continue;
-    const int m = __builtin_popcount(nz);
-    const __mmask16 first = static_cast<__mmask16>((1u << m) - 1u);
-    _mm512_mask_storeu_epi32(idx + count, first,
-                             _mm512_maskz_compress_epi32(nz, _mm512_add_epi32(lane, _mm512_set1_epi32(j))));
-    _mm512_mask_storeu_ps(val + count, first, _mm512_cvtepi32_ps(_mm512_maskz_compress_epi32(nz, x)));
-    count += m;
+    if (nz) count += StoreSelectedLanes(nz, j, _mm512_cvtepi32_ps(x), idx + count, val + count);
   }
 #elif defined(__AVX2__) && defined(__FMA__)
   for (; j + 32 <= n; j += 32) {

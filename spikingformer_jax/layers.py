@@ -49,10 +49,6 @@ def _spike_operand_jvp(primals, tangents):
   return checkpoint_name(x.astype(jnp.int8), SPIKE_OPERAND).astype(x.dtype), x_dot
 
 
-# The kernels' product for a `spike_operand` (integers in [-128, 127]), which they read as int8.
-INTEGER_SPIKE_DOT = functools.partial(kernels.dot_general, integer_lhs=True)
-
-
 def product_out(y):
   return checkpoint_name(y, PRODUCT_OUT)
 
@@ -110,7 +106,8 @@ class ChannelDense(nn.Module):
     fan_in = x.shape[-1]
     y = nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=torch_uniform_init((0,)), bias_init=bias_init(fan_in),
-                 dot_general=INTEGER_SPIKE_DOT if self.spike_kernels else None, name='dense')(spike_operand(x))
+                 dot_general=functools.partial(kernels.dot_general, integer_lhs=True) if self.spike_kernels else None,
+                 name='dense')(spike_operand(x))
     return product_out(sharding.keep_batch_split(y, 1))  # [T, B, N, D]
 
 

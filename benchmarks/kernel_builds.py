@@ -28,8 +28,6 @@ BASELINE_PREFIX = 'baseline_'
 
 def build_at_revision(revision: str, out_dir: pathlib.Path) -> pathlib.Path:
   """The kernel library compiled (as kernels/build.py compiles it) from the sources of `revision`."""
-  import jax  # noqa: PLC0415
-
   from spikingformer_jax.kernels import build  # noqa: PLC0415
   src = out_dir / 'src'
   src.mkdir(parents=True)
@@ -39,8 +37,7 @@ def build_at_revision(revision: str, out_dir: pathlib.Path) -> pathlib.Path:
                           cwd=common.REPO_ROOT).stdout
     (src / path.name).write_text(text)
   library = out_dir / 'baseline.so'
-  subprocess.run([build.compiler(), *build.flags(), '-I', jax.ffi.include_dir(), '-I', str(src),
-                  *(str(src / p.name) for p in build.SOURCES), '-o', str(library)], check=True, timeout=600)
+  build.compile_sources(build.compiler(), src, library)
   return library
 
 

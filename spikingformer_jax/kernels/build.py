@@ -79,18 +79,25 @@ def build_library() -> pathlib.Path:
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(f'{path.name}.{os.getpid()}.partial')
-  command = [cxx, *flags(), '-I', jax.ffi.include_dir(), '-I', str(HERE), *map(str, SOURCES), '-o', str(partial)]
+  compile_sources(cxx, HERE, partial)
+  os.replace(partial, path)
+  return path
+
+
+def compile_sources(cxx: str, source_dir: pathlib.Path, out: pathlib.Path) -> None:
+  """Compiles the files named as SOURCES (and HEADERS) in `source_dir` into the library `out`; on failure raises
+  KernelBuildError and leaves no `out`."""
+  command = [cxx, *flags(), '-I', jax.ffi.include_dir(), '-I', str(source_dir),
+             *(str(source_dir / f.name) for f in SOURCES), '-o', str(out)]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
   except (OSError, subprocess.SubprocessError) as e:
-    partial.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
     raise KernelBuildError(f'compiling the spike kernels failed: {e}') from e
   if result.returncode != 0:
-    partial.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
     raise KernelBuildError(f'compiling the spike kernels failed (exit {result.returncode}): '
                            f'{" ".join(command)}\n{result.stderr[-3000:]}')
-  os.replace(partial, path)
-  return path
 
 
 @functools.cache

@@ -65,8 +65,7 @@ def spike_matmul(a: jax.Array, w: jax.Array, integer_a: bool = False) -> jax.Arr
 
 
 def _spike_matmul_fwd(a, w, integer_a):
-  a = _spike_operand(a, integer_a)
-  return _ffi('SpikeMatmul', (a.shape[0], w.shape[1]), a, w), (a, w)
+  return spike_matmul(a, w, integer_a), (_spike_operand(a, integer_a), w)
 
 
 def _spike_matmul_bwd(integer_a, residuals, g):
@@ -87,8 +86,7 @@ def spike_conv3x3(a: jax.Array, w: jax.Array, integer_a: bool = False) -> jax.Ar
 
 
 def _spike_conv3x3_fwd(a, w, integer_a):
-  a = _spike_operand(a, integer_a)
-  return _ffi('SpikeConv3x3', a.shape[:3] + (w.shape[3],), _pad_hw(a), w), (a, w)
+  return spike_conv3x3(a, w, integer_a), (_spike_operand(a, integer_a), w)
 
 
 def _spike_conv3x3_bwd(integer_a, residuals, g):

@@ -237,6 +237,9 @@ def lower_train_step(config, devices, per_chip_batch: int = 0) -> LoweredStep:
   """
   n_chips = len(devices)
   config = config.copy_and_resolve_references()
+  # The sparse spike kernels are XLA:CPU foreign calls (the `cpu` configs'); an accelerator runs XLA's products,
+  # with the same parameters, but the compiling host's backend is the CPU, where the kernels would apply.
+  config.model.spike_kernels = False
   if per_chip_batch:
     config.batch_size = per_chip_batch * n_chips * int(config.grad_accum_steps)
   configs.validate(config)

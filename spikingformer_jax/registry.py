@@ -60,7 +60,12 @@ class ModelSpec:
     """Zero inputs of one example, the model's positional arguments."""
     if self.kind == TEXT:
       return text_model.dummy_inputs(1, *self.input_shape)
-    return (jnp.zeros((1,) + tuple(self.input_shape), jnp.float32),)
+    return image_example(self.input_shape)
+
+
+def image_example(shape) -> tuple:
+  """The positional inputs of a vision model for one example of `shape` (`[H, W, C]` or `[T, H, W, C]`): zeros."""
+  return (jnp.zeros((1,) + tuple(shape), jnp.float32),)
 
 
 _FAMILIES = {'spikingformer': 'spikingformer', 'spikingformer-cml': 'cml', 'spikformer': 'spikformer'}

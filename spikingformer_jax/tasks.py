@@ -19,6 +19,7 @@ import optax
 from scipy import special
 
 from spikingformer_jax import configs, data, metrics, registry
+from spikingformer_jax.text import model as text_model
 
 TEXT_INPUTS = ('input_ids', 'segment_ids', 'attention_mask')
 
@@ -96,7 +97,7 @@ class ImageClassification(_Classification):
     return _build_model(config, num_classes=config.model.num_classes)
 
   def example_inputs(self, info) -> tuple:
-    return (jnp.zeros((1,) + tuple(info.example_shape), jnp.float32),)
+    return registry.image_example(info.example_shape)
 
   def model_inputs(self, batch) -> tuple:
     return (batch['image'],)
@@ -119,9 +120,7 @@ class _TextInputs:
 
   def example_inputs(self, info) -> tuple:
     del info
-    length = int(self.config.data.get('max_len', 128))
-    ids = jnp.zeros((1, length), jnp.int32)
-    return ids, ids, jnp.ones((1, length), jnp.int32)
+    return text_model.dummy_inputs(1, int(self.config.data.get('max_len', 128)))
 
   def model_inputs(self, batch) -> tuple:
     return tuple(batch[k] for k in TEXT_INPUTS)

@@ -25,27 +25,31 @@ runs the named trials of a sweep as one group (what `spikingformer_jax.sweep --v
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import json
-import math
-import sys
-import time
-import types
-from typing import Callable, Sequence
+from spikingformer_jax import cpu_runtime
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import logging
-from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
+if __name__ == '__main__':
+  cpu_runtime.reuse_freed_memory_on_cpu()  # Before any import starts a thread (see the function).
 
-from spikingformer_jax import (checkpoint, compile_cache, configs, cpu_runtime, optim, run_lock, sharding, tasks,
-                              train)
-from spikingformer_jax.metric_writer import MetricWriter
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import logging  # noqa: E402
+from etils import epath  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from spikingformer_jax import checkpoint, compile_cache, configs, optim, run_lock, sharding, tasks, train  # noqa: E402
+from spikingformer_jax.metric_writer import MetricWriter  # noqa: E402
 
 # Config key -> name of the per-trial input. Every other config field must be equal across a group.
 TRIAL_HPARAMS = {

@@ -153,6 +153,13 @@ def test_data_parallel_step_moves_no_activations_on_cpu_devices():
   assert set(aot.collectives(step.lowered.compile().as_text())) == {'all-reduce'}
 
 
+def test_a_config_with_the_cpu_spike_kernels_lowers_the_accelerator_step():
+  config = small_config()
+  config.model.spike_kernels = True  # as the `cpu` configs set it
+  text = aot.lower_train_step(config, jax.devices()[:1]).lowered.as_text()
+  assert 'stablehlo.convolution' in text and 'custom_call @spikingformer_' not in text
+
+
 def test_mixup_keeps_examples_on_their_device():
   """Mixup/cutmix pair examples within each device's shard (as each GPU of the reference mixes its own batch):
   the data-parallel step still has only all-reduces (a whole-batch flip is a collective-permute of the images)."""

@@ -80,8 +80,16 @@ def test_reuse_freed_memory_stops_faulting_in_each_fresh_buffer():
 
 
 _ARENA_PROBE = '''
-import ctypes, importlib, sys
-importlib.import_module(sys.argv[1])
+import ctypes, runpy, sys
+command = sys.argv[1]
+if command == 'import jax':
+  import jax
+else:  # the command line `python -m <module> --help`: its imports, then the help text and exit
+  sys.argv = [command, '--help']
+  try:
+    runpy.run_module(command, run_name='__main__', alter_sys=True)
+  except SystemExit:
+    pass
 import jax, jax.numpy as jnp
 from spikingformer_jax import train  # Orbax and TensorStore start their threads
 x = jnp.ones((512, 512))
@@ -90,19 +98,24 @@ ctypes.CDLL(None).malloc_stats()  # glibc: an "Arena N:" paragraph per malloc ar
 '''
 
 
-def _malloc_arenas_after_importing(module):
-  out = subprocess.run([sys.executable, '-c', _ARENA_PROBE, module], capture_output=True, text=True, check=True,
+def _malloc_arenas_after(command):
+  out = subprocess.run([sys.executable, '-c', _ARENA_PROBE, command], capture_output=True, text=True, check=True,
                        cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
   return len(re.findall(r'^Arena \d+:', out.stderr, re.M))
 
 
 @pytest.mark.skipif(cpu_runtime._libc() is None, reason='glibc only (malloc arenas, malloc_stats)')
-def test_the_command_line_keeps_every_thread_on_one_malloc_arena():
-  """main.py tunes malloc before an import starts a thread, so XLA's threads allocate from the one arena
-  (whose freed step buffers are reused); imported first, JAX's threads take arenas of their own."""
-  assert _malloc_arenas_after_importing('spikingformer_jax.main') == 1
-  assert _malloc_arenas_after_importing('jax') > 1
+@pytest.mark.parametrize('module', ['spikingformer_jax.main', 'spikingformer_jax.suite', 'spikingformer_jax.trials'])
+def test_the_command_lines_keep_every_thread_on_one_malloc_arena(module):
+  """Each command line tunes malloc before an import starts a thread, so XLA's threads allocate from the one
+  arena (whose freed step buffers are reused); imported first, JAX's threads take arenas of their own."""
+  assert _malloc_arenas_after(module) == 1
+
+
+@pytest.mark.skipif(cpu_runtime._libc() is None, reason='glibc only (malloc arenas, malloc_stats)')
+def test_jax_imported_first_spreads_threads_over_malloc_arenas():
+  assert _malloc_arenas_after('import jax') > 1
 
 
 def test_runs_on_cpu_follows_jax_platforms():

@@ -267,6 +267,20 @@ def test_cli_on_digits(tmp_path):
   assert (out / 'energy.png').stat().st_size > 1000
 
 
+def test_run_measures_a_config_that_trains_with_the_spike_kernels():
+  """The `cpu` configs train with the kernels, whose foreign calls the trace cannot read: `run` measures the
+  same parameters through XLA's products instead, and reports what the config without the kernels reports."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'experiments'))
+  import digits  # noqa: PLC0415
+  config = digits.get_config('runlocal')
+  config.model.spike_kernels = True
+  with_kernels = energy.run(config, num_batches=1, batch_size=8)
+  assert config.model.spike_kernels  # the caller's config is left as it was
+  config.model.spike_kernels = False
+  without = energy.run(config, num_batches=1, batch_size=8)
+  assert with_kernels.table() == without.table()
+
+
 # ---- text models ----------------------------------------------------------------------------------
 
 from spikingformer_jax.text import model as text_model  # noqa: E402

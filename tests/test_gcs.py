@@ -141,6 +141,31 @@ def test_train_preempt_resume_evaluate_and_fine_tune_on_gs(emulator):
   assert checkpoint.load_variables(out_dir)['params'].keys() == trained['params'].keys()
 
 
+def test_gs_run_lock_loses_races_it_did_not_see(emulator, monkeypatch):
+  """Another run writes the lock between this run's read and its conditional write: the write fails
+  (Cloud Storage's ifGenerationMatch) and acquire refuses, naming the winner; the same for a stale takeover."""
+  workdir = epath.Path('gs://bucket/raced')
+  lock_object = workdir / run_lock.LOCK_NAME
+  now = time.time()
+  for before in (None, run_lock.Holder('gone-host', 1, now - 9000, now - 7200)):  # absent, then stale
+    if before is not None:
+      lock_object.write_text(before.dumps())
+    lock = run_lock.make_lock(workdir, 3600)
+    real_read = type(lock)._read
+
+    def read_then_lose_the_race(self, real_read=real_read):
+      seen = real_read(self)
+      lock_object.write_text(run_lock.Holder('winner-host', 99, time.time(), time.time()).dumps())
+      monkeypatch.setattr(type(self), '_read', real_read)
+      return seen
+
+    monkeypatch.setattr(type(lock), '_read', read_then_lose_the_race)
+    with pytest.raises(run_lock.RunLockError, match=r'in use by another run \(host winner-host, pid 99'):
+      lock.acquire()
+    assert json.loads(lock_object.read_text())['host'] == 'winner-host'
+    lock_object.unlink()
+
+
 def test_gs_run_lock_refuses_takes_over_stale_locks_and_notices_losing_it(emulator, caplog):
   workdir = epath.Path('gs://bucket/locked')
   lock_object = workdir / run_lock.LOCK_NAME

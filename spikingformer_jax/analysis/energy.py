@@ -387,9 +387,12 @@ def run(config, checkpoint_path: str = '', num_batches: int = 10, split: str = '
   """The CLI's work: measure `num_batches` (<= 0: all) of a split and optionally write JSON + PNG."""
   from spikingformer_jax import configs, tasks  # the model and data plumbing is only needed here
   configs.validate(config)
+  config = config.copy_and_resolve_references()
   if tasks.is_text(config) and config.data.get('dynamic_padding', False):
-    config = config.copy_and_resolve_references()
     config.data.dynamic_padding = False  # one sequence length (data.max_len) for every batch
+  # The CPU kernels' foreign calls hide their arithmetic from the trace; XLA's products have the same
+  # parameters and compute the same values (the `cpu` configs train with the kernels).
+  config.model.spike_kernels = False
   task = tasks.get_task(config)
   dm = task.data_module
   model = task.build_model(dm.dataset_info(config.data))

@@ -47,10 +47,11 @@ def _conv3x3_numpy(a, w):
   return out
 
 
-# Shapes cover output widths below, at and above the 128-float tile, widths that are not a multiple of 16,
-# an all-zero operand, a dense one, non-binary (real-valued) sparse values, and no rows at all.
+# Shapes cover output widths below, at and above the tiles (128 floats; 256 with AVX-512), widths that are not a
+# multiple of 16, an all-zero operand, a dense one, non-binary (real-valued) sparse values, and no rows at all.
 MATMUL_CASES = [(64, 37, 77, 0.2, True), (300, 130, 260, 0.1, True), (5, 16, 128, 0.5, False),
-                (33, 48, 7, 0.0, True), (20, 19, 145, 1.0, False), (0, 16, 20, 0.5, True)]
+                (33, 48, 7, 0.0, True), (20, 19, 145, 1.0, False), (0, 16, 20, 0.5, True),
+                (40, 24, 256, 0.3, True), (17, 40, 519, 0.2, False)]
 
 
 @pytest.mark.parametrize('m,k,n,density,binary', MATMUL_CASES)
@@ -67,7 +68,7 @@ def test_spike_matmul_and_its_gradients_equal_numpy(m, k, n, density, binary):
 
 
 @pytest.mark.parametrize('b,h,w_,c,o,density', [(2, 5, 7, 3, 20, 0.4), (1, 8, 8, 33, 150, 0.1),
-                                                 (3, 4, 4, 16, 16, 0.0)])
+                                                 (3, 4, 4, 16, 16, 0.0), (1, 6, 5, 8, 300, 0.2)])
 def test_spike_conv3x3_and_its_gradients_equal_numpy(b, h, w_, c, o, density):
   rng = np.random.default_rng(b * h + c)
   a, w = _sparse(rng, (b, h, w_, c), density), rng.normal(size=(3, 3, c, o)).astype(np.float32)

@@ -42,7 +42,12 @@ namespace {
 
 using spikingformer_kernels::ParallelFor;
 
+// Output columns per tile: AVX-512 holds 256 floats in 16 of its 32 registers; AVX2 takes 128 in two parts of 64.
+#if defined(__AVX512F__)
+constexpr int64_t kTile = 256;
+#else
 constexpr int64_t kTile = 128;
+#endif
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using Image = ffi::Buffer<ffi::F32, 4>;  // [B, H, W, C]
 
@@ -71,6 +76,7 @@ struct Isa {
   using Vec = __m512;
   using Mask = __mmask16;
   static constexpr int kLanes = 16;
+  static constexpr int kAccumulators = 16;  // of the 32 vector registers
   static Mask First(int n) { return static_cast<Mask>(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
   static Vec Zero() { return _mm512_setzero_ps(); }
   static Vec Splat(float x) { return _mm512_set1_ps(x); }
@@ -86,6 +92,7 @@ struct Isa {
   using Vec = __m256;
   using Mask = __m256i;  // lanes set to -1 are kept
   static constexpr int kLanes = 8;
+  static constexpr int kAccumulators = 8;  // of the 16 vector registers
   static Mask First(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static Vec Zero() { return _mm256_setzero_ps(); }
   static Vec Splat(float x) { return _mm256_set1_ps(x); }
@@ -106,7 +113,7 @@ void AccumulateVectors(float* __restrict out, const float* __restrict base, int6
                        const Segment* segs, int n_segs, Isa::Mask last, bool accumulate) {
   constexpr int L = Isa::kLanes;
   Isa::Vec acc[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v)
     acc[v] = !accumulate ? Isa::Zero() : v < NV - 1 ? Isa::Load(out + L * v) : Isa::Load(out + L * v, last);
   for (int s = 0; s < n_segs; ++s) {
@@ -114,12 +121,12 @@ void AccumulateVectors(float* __restrict out, const float* __restrict base, int6
     for (int64_t i = 0; i < g.n; ++i) {
       const float* p = base + (g.idx[i] + g.offset) * stride;
       const Isa::Vec x = Isa::Splat(g.val[i]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v)
         acc[v] = Isa::Fma(x, v < NV - 1 ? Isa::Load(p + L * v) : Isa::Load(p + L * v, last), acc[v]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int v = 0; v < NV - 1; ++v) Isa::Store(out + L * v, acc[v]);
   Isa::Store(out + L * (NV - 1), last, acc[NV - 1]);
 }
@@ -130,8 +137,7 @@ void AccumulateVectors(float* __restrict out, const float* __restrict base, int6
 void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t stride,
                     const Segment* segs, int n_segs, int64_t width, bool accumulate = false) {
 #if SPIKE_KERNELS_VECTORIZED
-  // At most 8 accumulators (of the 16 or 32 registers): AVX2 takes a 128-float tile in two parts.
-  constexpr int64_t kPart = 8 * Isa::kLanes;
+  constexpr int64_t kPart = Isa::kAccumulators * Isa::kLanes;
   for (int64_t j0 = 0; j0 < width; j0 += kPart) {
     const int64_t part = std::min(kPart, width - j0);
     const int nv = static_cast<int>((part + Isa::kLanes - 1) / Isa::kLanes);
@@ -146,7 +152,19 @@ void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t
       case 5: AccumulateVectors<5>(o, b, stride, segs, n_segs, last, accumulate); break;
       case 6: AccumulateVectors<6>(o, b, stride, segs, n_segs, last, accumulate); break;
       case 7: AccumulateVectors<7>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 8: AccumulateVectors<8>(o, b, stride, segs, n_segs, last, accumulate); break;
+#if defined(__AVX512F__)
+      case 9: AccumulateVectors<9>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 10: AccumulateVectors<10>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 11: AccumulateVectors<11>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 12: AccumulateVectors<12>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 13: AccumulateVectors<13>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 14: AccumulateVectors<14>(o, b, stride, segs, n_segs, last, accumulate); break;
+      case 15: AccumulateVectors<15>(o, b, stride, segs, n_segs, last, accumulate); break;
+      default: AccumulateVectors<16>(o, b, stride, segs, n_segs, last, accumulate); break;
+#else
       default: AccumulateVectors<8>(o, b, stride, segs, n_segs, last, accumulate); break;
+#endif
     }
   }
 #else

@@ -19,6 +19,7 @@
 // that stay in vector registers (AVX-512, or AVX2 + FMA in two halves) while the selected rows are
 // accumulated; other CPUs get portable loops, which the compiler vectorises with the tile in memory.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -27,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -130,6 +132,14 @@ void AccumulateVectors(float* __restrict out, const float* __restrict base, int6
   for (int v = 0; v < NV - 1; ++v) Isa::Store(out + L * v, acc[v]);
   Isa::Store(out + L * (NV - 1), last, acc[NV - 1]);
 }
+
+// AccumulateVectors<1> ... AccumulateVectors<Isa::kAccumulators>, indexed by the vector count - 1.
+using AccumulateVectorsFn = void (*)(float*, const float*, int64_t, const Segment*, int, Isa::Mask, bool);
+template <int... V>
+constexpr std::array<AccumulateVectorsFn, sizeof...(V)> AccumulateVectorsByCount(std::integer_sequence<int, V...>) {
+  return {&AccumulateVectors<V + 1>...};
+}
+constexpr auto kAccumulateVectors = AccumulateVectorsByCount(std::make_integer_sequence<int, Isa::kAccumulators>());
 #endif
 
 // out[0:width] (+)= sum over segments s, entries i of s.val[i] * base[(s.idx[i] + s.offset) * stride + 0:width]
@@ -144,28 +154,7 @@ void AccumulateTile(float* __restrict out, const float* __restrict base, int64_t
     const Isa::Mask last = Isa::First(static_cast<int>(part - Isa::kLanes * (nv - 1)));
     float* o = out + j0;
     const float* b = base + j0;
-    switch (nv) {
-      case 1: AccumulateVectors<1>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 2: AccumulateVectors<2>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 3: AccumulateVectors<3>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 4: AccumulateVectors<4>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 5: AccumulateVectors<5>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 6: AccumulateVectors<6>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 7: AccumulateVectors<7>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 8: AccumulateVectors<8>(o, b, stride, segs, n_segs, last, accumulate); break;
-#if defined(__AVX512F__)
-      case 9: AccumulateVectors<9>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 10: AccumulateVectors<10>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 11: AccumulateVectors<11>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 12: AccumulateVectors<12>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 13: AccumulateVectors<13>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 14: AccumulateVectors<14>(o, b, stride, segs, n_segs, last, accumulate); break;
-      case 15: AccumulateVectors<15>(o, b, stride, segs, n_segs, last, accumulate); break;
-      default: AccumulateVectors<16>(o, b, stride, segs, n_segs, last, accumulate); break;
-#else
-      default: AccumulateVectors<8>(o, b, stride, segs, n_segs, last, accumulate); break;
-#endif
-    }
+    kAccumulateVectors[nv - 1](o, b, stride, segs, n_segs, last, accumulate);
   }
 #else
   float acc[kTile] = {0.0f};

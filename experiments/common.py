@@ -112,17 +112,17 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, *, steps: int = 20, batch: int 
 def cpu_budget(c: ml_collections.ConfigDict, *, minutes: float, batch: int) -> ml_collections.ConfigDict:
   """The `cpu` overrides shared by the vision configs: the recipe cut to `minutes` of wall time on a CPU.
 
-  AdamW at the recipe's peak rate held constant (no warmup, no cosine: the run's length is set by the clock,
-  `time_budget_minutes`), the recipe's weight decay and label smoothing, horizontal flips as the only
+  AdamW with the recipe's cosine from its peak rate to its min_lr, spread over the wall-time budget
+  (`time_budget_minutes`: the clock ends the run, and the trainer reads the schedule at the fraction of the
+  budget spent), no warmup; the recipe's weight decay and label smoothing, horizontal flips as the only
   augmentation (no RandAugment, random erasing, SNN augmentation or mixup), the sparse spike kernels
   (one CPU device), and one evaluation, at the end.
   """
   c.batch_size = batch
   c.time_budget_minutes = minutes
-  c.num_epochs = 10_000  # an upper bound: the clock ends the run
+  c.num_epochs = 10_000  # an upper bound: the clock ends the run (and the schedule, spread over its budget)
   c.total_steps = -1
   c.eval_every_epochs = c.num_epochs
-  c.optim.min_lr = c.optim.lr
   c.optim.warmup_epochs = 0.0
   c.optim.cooldown_epochs = 0
   c.optim.per_epoch_schedule = False

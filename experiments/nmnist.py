@@ -11,9 +11,9 @@ The reference trains no N-MNIST model; this config is ours. It runs the CIFAR10-
   --config=experiments/nmnist.py:runlocal                         a CPU smoke run on that sample (T=4, tiny model)
 
 Arguments: `T` (16; 4 with `cpu`), `variant` 2-256, `family`, `data_dir`, `dtype`, `sample`, `cpu`, `runlocal`.
-`cpu`: the recipe cut to 10 minutes of wall time (experiments/common.py `cpu_budget`: lr 1e-3 constant,
-flips only, no mixup, the sparse spike kernels), batch 16, trained on the sample's 300 recordings and
-evaluated on its 50 test recordings.
+`cpu`: the recipe cut to 10 minutes of wall time (experiments/common.py `cpu_budget`: the cosine from lr 1e-3
+to 1e-5 spread over the budget, flips only, no mixup, the sparse spike kernels), batch 16, trained on the
+sample's 300 recordings and evaluated on its 50 test recordings.
 N-MNIST digits are not mirror-symmetric, but the recipe's hflip is kept so this stays the DVS
 recipe; pass --config.data.augment.hflip=0.0 to drop it.
 """

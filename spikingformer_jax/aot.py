@@ -255,7 +255,9 @@ def lower_train_step(config, devices, per_chip_batch: int = 0) -> LoweredStep:
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
            for k, v in batch_shapes(config, info, config.batch_size).items()}
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-  lowered = train.jit_train_step(ctx, state_shardings, mesh).lower(state, batch, rng)
+  budget = (jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+                                   train.budget_inputs(0.0)),) if ctx.budget_steps else ()
+  lowered = train.jit_train_step(ctx, state_shardings, mesh).lower(state, batch, rng, *budget)
   return LoweredStep(lowered, config, ctx, example, mesh)
 
 

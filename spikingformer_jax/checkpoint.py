@@ -3,7 +3,7 @@
 A training checkpoint (one step directory under `<workdir>/checkpoints`) holds:
   state      {'step', 'params', 'batch_stats', 'opt_state'} (sharded arrays: each process writes its shards)
   data_iter  every process's grain iterator position (grain's Orbax handler: one JSON file per process)
-  meta       model name/overrides and the eval metrics of that step
+  meta       model name/overrides, the eval metrics of that step and (a run on a time budget) the wall time spent
   metrics    what keep-best ranks by, stored with the step so that retention also covers steps that
              earlier runs in the workdir wrote
 Orbax lists a step only once it is complete (renamed into place locally, commit_success.txt on

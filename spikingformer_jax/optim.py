@@ -40,6 +40,13 @@ def make_schedule(optim_cfg, num_epochs: int, steps_per_epoch: int):
   return schedule
 
 
+def unit_rate(count):
+  """A learning rate of 1, as a schedule (so the optimizer state keeps its step count): for runs whose step
+  sets the LR itself and multiplies the updates by it (AdamW applies its LR last, so that is exact)."""
+  del count
+  return 1.0
+
+
 def decay_mask(params):
   """True for parameters that get weight decay: every tensor with more than one dimension."""
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)

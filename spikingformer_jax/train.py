@@ -39,7 +39,8 @@ class StepContext:
   tx: optax.GradientTransformation
   config: Any
   steps_per_epoch: int
-  schedule: Callable
+  schedule: Callable  # the LR at a (fractional) step count
+  budget_steps: int = 0  # a run on a time budget: the steps its schedule spans (see make_train_step)
 
 
 LOSS_HPARAMS = ('label_smoothing', 'mixup_alpha', 'cutmix_alpha')
@@ -50,6 +51,9 @@ def make_train_step(ctx: StepContext):
 
   `hparams` may give any of LOSS_HPARAMS as (traced) values in place of the config's: vmapped trials
   (spikingformer_jax.trials) pass one value per trial.
+  A run on a time budget (`ctx.budget_steps`) passes 'budget_progress', the fraction of the budget spent:
+  the schedule is read at max(step, budget_progress * budget_steps), so it runs to its end by whichever
+  comes first, the clock or the steps (a constant-rate stop mid-schedule would leave the LR high).
   """
   config, model = ctx.config, ctx.model
   task = tasks.get_task(config)
@@ -101,10 +105,15 @@ def make_train_step(ctx: StepContext):
       grads = jax.tree_util.tree_map(lambda g: g / accum, grad_sum)
       loss, acc = losses.mean(), accs.mean()
     updates, opt_state = ctx.tx.update(grads, state['opt_state'], state['params'])
+    if ctx.budget_steps:  # ctx.tx runs at a unit rate (optim.unit_rate); AdamW's LR is its last factor.
+      lr = ctx.schedule(jnp.maximum(state['step'], hp['budget_progress'] * ctx.budget_steps))
+      updates = jax.tree_util.tree_map(lambda u: (lr * u).astype(u.dtype), updates)
+    else:
+      lr = ctx.schedule(state['step'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': new_stats, 'opt_state': opt_state}
     step_metrics = {'loss': loss, 'train_accuracy': acc, 'grad_norm': optax.global_norm(grads),
-                    'lr': ctx.schedule(state['step'])}
+                    'lr': lr}
     return new_state, step_metrics
 
   return train_step
@@ -173,11 +182,21 @@ def abstract_state(ctx: StepContext, mesh, example: tuple) -> tuple[State, Any]:
 
 
 def jit_train_step(ctx: StepContext, state_shardings, mesh):
-  """`make_train_step` compiled for `mesh`: state sharded as given (and donated), batch split over devices."""
+  """`make_train_step` compiled for `mesh`: state sharded as given (and donated), batch split over devices.
+
+  A run on a time budget calls it with a fourth argument, `budget_inputs(progress)`.
+  """
   repl = sharding.replicated(mesh)
-  return jax.jit(sharding.traced_in(mesh, make_train_step(ctx)),
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl),
+  in_shardings = (state_shardings, sharding.batch_sharding(mesh), repl)
+  if ctx.budget_steps:
+    in_shardings += (repl,)
+  return jax.jit(sharding.traced_in(mesh, make_train_step(ctx)), in_shardings=in_shardings,
                  out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+
+def budget_inputs(progress) -> dict:
+  """The train step's `hparams` of a run on a time budget: the fraction of it spent (one value on every host)."""
+  return {'budget_progress': np.float32(progress)}
 
 
 def create_state(ctx: StepContext, mesh, example: tuple, rng, init_from: str = ''):
@@ -316,64 +335,77 @@ def plan(config, info) -> tuple[int, int]:
 
 def make_context(config, info) -> tuple[StepContext, tuple]:
   """The model, optimizer and schedule of `config` for dataset `info`, and an example input for init."""
-  steps_per_epoch, _ = plan(config, info)
+  steps_per_epoch, total_steps = plan(config, info)
   task = tasks.get_task(config)
   model = task.build_model(info)
   schedule = optim.make_schedule(config.optim, schedule_epochs(config, steps_per_epoch), steps_per_epoch)
+  budget_steps = total_steps if config.get('time_budget_minutes', 0.0) > 0 else 0
   example = task.example_inputs(info)
   abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example, train=False)['params'])
-  tx = optim.make_optimizer(config.optim, schedule, abstract_params, config.freeze)
-  return StepContext(model, tx, config, steps_per_epoch, schedule), example
+  tx = optim.make_optimizer(config.optim, optim.unit_rate if budget_steps else schedule, abstract_params,
+                            config.freeze)
+  return StepContext(model, tx, config, steps_per_epoch, schedule, budget_steps), example
 
 
-def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, devices=None) -> dict:
+def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, devices=None,
+                       clock: Callable[[], float] = time.perf_counter) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns the final summary.
 
   `workdir` is a local path or a gs:// (any etils.epath) URL. The summary's 'preempted' is True
   when a SIGTERM stopped the run (after saving); rerunning the same command resumes it.
   `stop_after_steps` ends this invocation early the same way (tests), `devices` restricts the mesh
   to a subset of the local devices (default: all).
-  `config.time_budget_minutes` > 0 ends training once that much wall time has passed since this call
-  (start-up and compilation included), then evaluates and saves: a run on a fixed time budget.
+  `config.time_budget_minutes` > 0 ends training once that much wall time has been spent (start-up and
+  compilation included, from this call; a resumed run goes on with what its checkpoint left of the budget),
+  then evaluates and saves: a run on a fixed time budget, its LR schedule spread over the budget. `clock`
+  (seconds) measures the budget.
   """
-  minutes = config.get('time_budget_minutes', 0.0)
-  deadline = time.perf_counter() + 60.0 * minutes if minutes > 0 else None
+  started = clock()
   preemption = Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
   try:
-    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, deadline)
+    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices,
+                               lambda: clock() - started)
   finally:
     preemption.restore()
 
 
 def _resume(config, ctx, mesh, example, ckpts, train_loader):
-  """(state, shardings, train iterator): the newest checkpoint that restores, else a fresh start (or init_from)."""
+  """(state, shardings, train iterator, checkpoint meta): the newest checkpoint that restores, else a fresh
+  start (or init_from) with meta {}."""
   rng = jax.random.PRNGKey(config.seed)
   has_checkpoints = ckpts.latest_step() is not None
   state, shardings = create_state(ctx, mesh, example, rng, '' if has_checkpoints else config.init_from)
   train_iter = iter(train_loader)
   if not has_checkpoints:
-    return state, shardings, train_iter
+    return state, shardings, train_iter, {}
   restored = ckpts.restore_latest(abstract_state(ctx, mesh, example)[0], train_iter)
   if restored is not None:
-    state, _, step = restored
+    state, meta, step = restored
     logging.info('Resumed from step %d in %s', step, ckpts.directory)
-    return state, shardings, train_iter
+    return state, shardings, train_iter, meta
   logging.warning('No checkpoint in %s restores (all moved aside): training from the start.', ckpts.directory)
   if config.init_from:
     state, shardings = create_state(ctx, mesh, example, rng, config.init_from)
-  return state, shardings, iter(train_loader)
+  return state, shardings, iter(train_loader), {}
 
 
-def _out_of_time(deadline, step_metrics) -> bool:
-  """Whether the time budget is spent, as every process of the job sees it (one collective per step)."""
-  jax.block_until_ready(step_metrics['loss'])  # The clock must see executed steps, not queued ones.
-  spent = time.perf_counter() >= deadline
+BUDGET_SPENT_KEY = 'time_budget_spent_s'  # checkpoint meta: wall time a run on a time budget has spent
+
+
+def _budget_progress(seconds_spent: Callable[[], float], budget_s: float, step_metrics=None) -> float:
+  """The fraction of the time budget spent, as every process of the job sees it (the largest; one collective).
+
+  `step_metrics`: the step just dispatched, waited for first (the clock must see executed steps, not queued ones).
+  """
+  if step_metrics is not None:
+    jax.block_until_ready(step_metrics['loss'])
+  progress = seconds_spent() / budget_s
   if jax.process_count() > 1:
-    spent = bool(np.max(multihost_utils.process_allgather(np.int32(spent))))
-  return spent
+    progress = float(np.max(multihost_utils.process_allgather(np.float32(progress))))
+  return progress
 
 
-def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, deadline) -> dict:
+def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, time_since_start) -> dict:
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)
   preemption.joined_job()
@@ -407,8 +439,12 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, config.metric)
     writer = bar = None
     try:
-      state, state_shardings, train_iter = _resume(config, ctx, mesh, example, ckpts, train_loader)
+      state, state_shardings, train_iter, resumed_meta = _resume(config, ctx, mesh, example, ckpts, train_loader)
       start_step = int(jax.device_get(state['step']))
+      budget_s = 60.0 * config.get('time_budget_minutes', 0.0)
+      spent_before = float(resumed_meta.get(BUDGET_SPENT_KEY, 0.0))
+      seconds_spent = lambda: spent_before + time_since_start()
+      progress = _budget_progress(seconds_spent, budget_s) if budget_s else 0.0
       bsh = sharding.batch_sharding(mesh)
       train_fn = jit_train_step(ctx, state_shardings, mesh)
       eval_fn = jax.jit(sharding.traced_in(mesh, make_eval_step(ctx)), in_shardings=(state_shardings, bsh),
@@ -421,11 +457,12 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
       last_eval: dict = {}
       images_seen, t0 = 0, time.perf_counter()
       examples_since_eval, eval_t0 = 0, t0
-      step, preempted, budget_spent = start_step, False, False
+      step, preempted, budget_spent = start_step, False, budget_s > 0 and progress >= 1
       end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
-      while step < end_step:
+      while step < end_step and not budget_spent:
         batch = sharding.global_batch(next(train_iter), mesh)
-        state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
+        budget_args = (budget_inputs(progress),) if budget_s else ()
+        state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step), *budget_args)
         step += 1
         ckpts.check()  # A failed background save stops the run here, not many steps later.
         images_seen += config.batch_size
@@ -451,7 +488,9 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
           if bar is not None:
             bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
         epoch_end = step % steps_per_epoch == 0
-        out_of_time = deadline is not None and _out_of_time(deadline, step_metrics)
+        if budget_s:
+          progress = _budget_progress(seconds_spent, budget_s, step_metrics)
+        out_of_time = budget_s > 0 and progress >= 1
         eval_now = ((epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
                     or out_of_time)
         metrics_for_ckpt = None
@@ -476,7 +515,8 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
           writer.flush()  # What the checkpoint covers is stored before it.
           if lock is not None:
             lock.refresh()
-          ckpts.save(step, state, train_iter, dict(meta, eval=last_eval), metrics_for_ckpt)
+          budget_meta = {BUDGET_SPENT_KEY: seconds_spent()} if budget_s else {}
+          ckpts.save(step, state, train_iter, dict(meta, eval=last_eval, **budget_meta), metrics_for_ckpt)
         if preempted:
           logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
           break

@@ -153,9 +153,10 @@ def test_data_parallel_step_moves_no_activations_on_cpu_devices():
   assert set(aot.collectives(step.lowered.compile().as_text())) == {'all-reduce'}
 
 
-def test_a_config_with_the_cpu_spike_kernels_lowers_the_accelerator_step():
+def test_a_cpu_config_lowers_the_accelerator_step():
   config = small_config()
-  config.model.spike_kernels = True  # as the `cpu` configs set it
+  config.model.spike_kernels = True  # as the `cpu` configs set them
+  config.time_budget_minutes = 10.0  # the step then takes the fraction of the budget spent
   text = aot.lower_train_step(config, jax.devices()[:1]).lowered.as_text()
   assert 'stablehlo.convolution' in text and 'custom_call @spikingformer_' not in text
 

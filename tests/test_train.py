@@ -1,4 +1,6 @@
 """The trainer: sharded steps equal single-device steps, exact resumption, SIGTERM, fine-tuning, schedule."""
+import functools
+import itertools
 import json
 import os
 import pathlib
@@ -378,3 +380,79 @@ def test_gradient_accumulation_averages_microbatch_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(stats2), jax.tree_util.tree_leaves(new_state['batch_stats'])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _budget_config(**changes):
+  return tiny_config(**{'mesh.data': 1, 'time_budget_minutes': 10.0, 'optim.warmup_epochs': 0,
+                        'optim.cooldown_epochs': 0, 'optim.lr': 2e-3, 'optim.min_lr': 1e-5, **changes})
+
+
+def test_a_budget_step_takes_the_lr_of_the_schedule_where_the_clock_or_the_steps_stand():
+  """On a time budget the schedule is read at max(step, progress x total steps): the step equals a plain step
+  whose LR is held constant at that point of the cosine (closed form)."""
+  rng = np.random.default_rng(4)
+  batch = {'image': rng.uniform(0, 1, (16, 8, 8, 1)).astype(np.float32),
+           'label': rng.integers(0, 10, 16).astype(np.int32)}
+  config = _budget_config(**{'optim.eps': 1.0})  # a smooth update (see the data-parallel test)
+  ctx, example = _context(config, jax.devices()[:1])
+  assert ctx.budget_steps == 20  # 160 examples / 16 per step x 2 epochs
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  fresh = jax.device_get(train.create_state(ctx, mesh, example, jax.random.PRNGKey(0))[0])
+  cosine = lambda frac: 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + np.cos(np.pi * frac))
+  for step, progress, at in ((0, 0.0, 0.0), (0, 0.5, 0.5), (0, 0.8, 0.8), (15, 0.1, 0.75), (3, 1.0, 1.0)):
+    state = dict(fresh, step=np.int32(step))
+    new, metrics = jax.jit(train.make_train_step(ctx))(state, batch, jax.random.PRNGKey(2),
+                                                       train.budget_inputs(progress))
+    assert float(metrics['lr']) == pytest.approx(cosine(at), rel=1e-5), (step, progress)
+    plain = tiny_config(**{'mesh.data': 1, 'optim.eps': 1.0, 'optim.warmup_epochs': 0, 'optim.lr': cosine(at),
+                           'optim.min_lr': cosine(at)})
+    plain_ctx, _ = _context(plain, jax.devices()[:1])
+    expected, _ = jax.jit(train.make_train_step(plain_ctx))(state, batch, jax.random.PRNGKey(2))
+    for a, b in zip(jax.tree_util.tree_leaves(expected['params']), jax.tree_util.tree_leaves(new['params'])):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
+
+
+def _train_lrs(workdir):
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [(l['step'], l['lr']) for l in lines if l['split'] == 'train']
+
+
+def _ticking_clock():
+  """A budget clock that advances one second each time it is read: the trainer reads it once per step."""
+  return functools.partial(next, itertools.count())
+
+
+def test_a_run_on_a_time_budget_anneals_by_the_clock_and_resumes_with_what_is_left(tmp_path):
+  budget_s = 12
+  config = _budget_config(**{'time_budget_minutes': budget_s / 60, 'total_steps': 10**6, 'log_every_steps': 1,
+                             'checkpoint.every_steps': 10**6, 'model.T': 1})
+  cosine = lambda frac: 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + np.cos(np.pi * frac))
+  first = train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1], clock=_ticking_clock())
+  assert first['completed'] and not first['preempted'] and first['step'] == budget_s - 1
+  # Step k starts k ticks into the budget (the first tick is start-up): the cosine at k / budget, step
+  # counts far behind (10^6 steps).
+  logged = _train_lrs(tmp_path)
+  np.testing.assert_allclose([lr for _, lr in logged], [cosine(k / budget_s) for k in range(1, budget_s)], rtol=1e-5)
+  spent = json.loads((tmp_path / 'checkpoints' / str(first['step']) / 'meta' / 'metadata').read_text())[
+      train.BUDGET_SPENT_KEY]
+  assert spent >= budget_s
+  # The same command again: nothing left of the budget, no step taken.
+  again = train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1], clock=_ticking_clock())
+  assert again['step'] == first['step'] and again['completed']
+  # Twice the budget: the run goes on from where the first one left the schedule, not from its top.
+  longer = train.train_and_evaluate(dict_to_config(config, time_budget_minutes=2 * budget_s / 60), tmp_path,
+                                    devices=jax.devices()[:1], clock=_ticking_clock())
+  resumed = [lr for step, lr in _train_lrs(tmp_path) if step > first['step']]
+  assert longer['step'] - first['step'] == len(resumed) == 2 * budget_s - spent - 1
+  np.testing.assert_allclose(resumed, [cosine((spent + j) / (2 * budget_s)) for j in range(1, len(resumed) + 1)],
+                             rtol=1e-5)
+
+
+def test_a_run_on_a_time_budget_that_its_steps_end_first_keeps_the_step_schedule(tmp_path):
+  config = _budget_config(**{'log_every_steps': 1, 'model.T': 1})  # 20 steps in a 10-minute budget
+  summary = train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1], clock=lambda: 0.0)
+  assert summary['step'] == summary['total_steps'] == 20 and summary['completed']
+  ctx, _ = _context(config, jax.devices()[:1])
+  logged = _train_lrs(tmp_path)
+  assert [s for s, _ in logged] == list(range(1, 21))
+  np.testing.assert_allclose([lr for _, lr in logged], [float(ctx.schedule(s - 1)) for s, _ in logged], rtol=1e-5)

@@ -106,14 +106,12 @@ def make_train_step(ctx: StepContext):
       loss, acc = losses.mean(), accs.mean()
     updates, opt_state = ctx.tx.update(grads, state['opt_state'], state['params'])
     if ctx.budget_steps:  # ctx.tx runs at a unit rate (optim.unit_rate); AdamW's LR is its last factor.
-      lr = ctx.schedule(jnp.maximum(state['step'], hp['budget_progress'] * ctx.budget_steps))
-      updates = jax.tree_util.tree_map(lambda u: (lr * u).astype(u.dtype), updates)
-    else:
-      lr = ctx.schedule(state['step'])
+      budget_lr = ctx.schedule(jnp.maximum(state['step'], hp['budget_progress'] * ctx.budget_steps))
+      updates = jax.tree_util.tree_map(lambda u: (budget_lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': new_stats, 'opt_state': opt_state}
     step_metrics = {'loss': loss, 'train_accuracy': acc, 'grad_norm': optax.global_norm(grads),
-                    'lr': lr}
+                    'lr': budget_lr if ctx.budget_steps else ctx.schedule(state['step'])}
     return new_state, step_metrics
 
   return train_step

@@ -449,7 +449,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
                         out_shardings=bsh)
       meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
       writer = MetricWriter(workdir, start_step)  # Drops metrics logged after start_step by an interrupted run.
-      bar = _progress(total_steps, start_step, config.progress_bar, config.get('time_budget_minutes', 0.0) > 0)
+      bar = _progress(total_steps, start_step, config.progress_bar, budget_s > 0)
       base_rng = jax.random.PRNGKey(config.seed + 1)
       best = {}
       last_eval: dict = {}

@@ -123,9 +123,13 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
       signal.getsignal(signal.SIGTERM))
 
 
-def _metric_steps(workdir, split='train'):
+def _metric_rows(workdir, split='train') -> list[dict]:
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  return [l['step'] for l in lines if l['split'] == split]
+  return [l for l in lines if l['split'] == split]
+
+
+def _metric_steps(workdir, split='train'):
+  return [l['step'] for l in _metric_rows(workdir, split)]
 
 
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_falls_back(tmp_path, caplog):
@@ -382,6 +386,11 @@ def test_gradient_accumulation_averages_microbatch_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def _cosine(frac):
+  """The LR of `_budget_config` at a fraction of its schedule (closed form: no warmup, 2e-3 down to 1e-5)."""
+  return 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + np.cos(np.pi * frac))
+
+
 def _budget_config(**changes):
   return tiny_config(**{'mesh.data': 1, 'time_budget_minutes': 10.0, 'optim.warmup_epochs': 0,
                         'optim.cooldown_epochs': 0, 'optim.lr': 2e-3, 'optim.min_lr': 1e-5, **changes})
@@ -398,14 +407,13 @@ def test_a_budget_step_takes_the_lr_of_the_schedule_where_the_clock_or_the_steps
   assert ctx.budget_steps == 20  # 160 examples / 16 per step x 2 epochs
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   fresh = jax.device_get(train.create_state(ctx, mesh, example, jax.random.PRNGKey(0))[0])
-  cosine = lambda frac: 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + np.cos(np.pi * frac))
   for step, progress, at in ((0, 0.0, 0.0), (0, 0.5, 0.5), (0, 0.8, 0.8), (15, 0.1, 0.75), (3, 1.0, 1.0)):
     state = dict(fresh, step=np.int32(step))
     new, metrics = jax.jit(train.make_train_step(ctx))(state, batch, jax.random.PRNGKey(2),
                                                        train.budget_inputs(progress))
-    assert float(metrics['lr']) == pytest.approx(cosine(at), rel=1e-5), (step, progress)
-    plain = tiny_config(**{'mesh.data': 1, 'optim.eps': 1.0, 'optim.warmup_epochs': 0, 'optim.lr': cosine(at),
-                           'optim.min_lr': cosine(at)})
+    assert float(metrics['lr']) == pytest.approx(_cosine(at), rel=1e-5), (step, progress)
+    plain = tiny_config(**{'mesh.data': 1, 'optim.eps': 1.0, 'optim.warmup_epochs': 0, 'optim.lr': _cosine(at),
+                           'optim.min_lr': _cosine(at)})
     plain_ctx, _ = _context(plain, jax.devices()[:1])
     expected, _ = jax.jit(train.make_train_step(plain_ctx))(state, batch, jax.random.PRNGKey(2))
     for a, b in zip(jax.tree_util.tree_leaves(expected['params']), jax.tree_util.tree_leaves(new['params'])):
@@ -413,8 +421,7 @@ def test_a_budget_step_takes_the_lr_of_the_schedule_where_the_clock_or_the_steps
 
 
 def _train_lrs(workdir):
-  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  return [(l['step'], l['lr']) for l in lines if l['split'] == 'train']
+  return [(l['step'], l['lr']) for l in _metric_rows(workdir)]
 
 
 def _ticking_clock():
@@ -426,13 +433,12 @@ def test_a_run_on_a_time_budget_anneals_by_the_clock_and_resumes_with_what_is_le
   budget_s = 12
   config = _budget_config(**{'time_budget_minutes': budget_s / 60, 'total_steps': 10**6, 'log_every_steps': 1,
                              'checkpoint.every_steps': 10**6, 'model.T': 1})
-  cosine = lambda frac: 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + np.cos(np.pi * frac))
   first = train.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1], clock=_ticking_clock())
   assert first['completed'] and not first['preempted'] and first['step'] == budget_s - 1
   # Step k starts k ticks into the budget (the first tick is start-up): the cosine at k / budget, step
   # counts far behind (10^6 steps).
   logged = _train_lrs(tmp_path)
-  np.testing.assert_allclose([lr for _, lr in logged], [cosine(k / budget_s) for k in range(1, budget_s)], rtol=1e-5)
+  np.testing.assert_allclose([lr for _, lr in logged], [_cosine(k / budget_s) for k in range(1, budget_s)], rtol=1e-5)
   spent = json.loads((tmp_path / 'checkpoints' / str(first['step']) / 'meta' / 'metadata').read_text())[
       train.BUDGET_SPENT_KEY]
   assert spent >= budget_s
@@ -444,7 +450,7 @@ def test_a_run_on_a_time_budget_anneals_by_the_clock_and_resumes_with_what_is_le
                                     devices=jax.devices()[:1], clock=_ticking_clock())
   resumed = [lr for step, lr in _train_lrs(tmp_path) if step > first['step']]
   assert longer['step'] - first['step'] == len(resumed) == 2 * budget_s - spent - 1
-  np.testing.assert_allclose(resumed, [cosine((spent + j) / (2 * budget_s)) for j in range(1, len(resumed) + 1)],
+  np.testing.assert_allclose(resumed, [_cosine((spent + j) / (2 * budget_s)) for j in range(1, len(resumed) + 1)],
                              rtol=1e-5)
 
 

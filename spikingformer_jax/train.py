@@ -358,11 +358,11 @@ def train_and_evaluate(config, workdir, *, stop_after_steps: int | None = None, 
   then evaluates and saves: a run on a fixed time budget, its LR schedule spread over the budget. `clock`
   (seconds) measures the budget.
   """
-  started = clock()
+  budget_s = 60.0 * config.get('time_budget_minutes', 0.0)
+  budget = TimeBudget(budget_s, clock, clock()) if budget_s > 0 else None
   preemption = Preemption()  # First thing: a SIGTERM during start-up must not kill the run unsaved.
   try:
-    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices,
-                               lambda: clock() - started)
+    return _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, budget)
   finally:
     preemption.restore()
 
@@ -390,20 +390,33 @@ def _resume(config, ctx, mesh, example, ckpts, train_loader):
 BUDGET_SPENT_KEY = 'time_budget_spent_s'  # checkpoint meta: wall time a run on a time budget has spent
 
 
-def _budget_progress(seconds_spent: Callable[[], float], budget_s: float, step_metrics=None) -> float:
-  """The fraction of the time budget spent, as every process of the job sees it (the largest; one collective).
+@dataclasses.dataclass(frozen=True)
+class TimeBudget:
+  """A run's wall-time budget (`config.time_budget_minutes`), counted on `clock` from `started`, plus what the
+  invocations before this one spent (`spent_before`, from the checkpoint it resumed)."""
+  seconds: float
+  clock: Callable[[], float]
+  started: float
+  spent_before: float = 0.0
 
-  `step_metrics`: the step just dispatched, waited for first (the clock must see executed steps, not queued ones).
-  """
-  if step_metrics is not None:
-    jax.block_until_ready(step_metrics['loss'])
-  progress = seconds_spent() / budget_s
-  if jax.process_count() > 1:
-    progress = float(np.max(multihost_utils.process_allgather(np.float32(progress))))
-  return progress
+  def spent(self) -> float:
+    return self.spent_before + self.clock() - self.started
+
+  def progress(self, step_metrics=None) -> float:
+    """The fraction spent, as every process of the job sees it (the largest; one collective).
+
+    `step_metrics`: the step just dispatched, waited for first (the clock must see executed steps, not
+    queued ones).
+    """
+    if step_metrics is not None:
+      jax.block_until_ready(step_metrics['loss'])
+    progress = self.spent() / self.seconds
+    if jax.process_count() > 1:
+      progress = float(np.max(multihost_utils.process_allgather(np.float32(progress))))
+    return progress
 
 
-def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, time_since_start) -> dict:
+def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, budget: TimeBudget | None) -> dict:
   configs.validate(config)
   sharding.maybe_initialize_distributed(config.distributed)
   preemption.joined_job()
@@ -439,27 +452,26 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
     try:
       state, state_shardings, train_iter, resumed_meta = _resume(config, ctx, mesh, example, ckpts, train_loader)
       start_step = int(jax.device_get(state['step']))
-      budget_s = 60.0 * config.get('time_budget_minutes', 0.0)
-      spent_before = float(resumed_meta.get(BUDGET_SPENT_KEY, 0.0))
-      seconds_spent = lambda: spent_before + time_since_start()
-      progress = _budget_progress(seconds_spent, budget_s) if budget_s else 0.0
+      if budget:
+        budget = dataclasses.replace(budget, spent_before=float(resumed_meta.get(BUDGET_SPENT_KEY, 0.0)))
+      progress = budget.progress() if budget else 0.0
       bsh = sharding.batch_sharding(mesh)
       train_fn = jit_train_step(ctx, state_shardings, mesh)
       eval_fn = jax.jit(sharding.traced_in(mesh, make_eval_step(ctx)), in_shardings=(state_shardings, bsh),
                         out_shardings=bsh)
       meta = {'model_name': config.model.name, 'config': config.to_json_best_effort()}
       writer = MetricWriter(workdir, start_step)  # Drops metrics logged after start_step by an interrupted run.
-      bar = _progress(total_steps, start_step, config.progress_bar, budget_s > 0)
+      bar = _progress(total_steps, start_step, config.progress_bar, bool(budget))
       base_rng = jax.random.PRNGKey(config.seed + 1)
       best = {}
       last_eval: dict = {}
       images_seen, t0 = 0, time.perf_counter()
       examples_since_eval, eval_t0 = 0, t0
-      step, preempted, budget_spent = start_step, False, budget_s > 0 and progress >= 1
+      step, preempted, budget_spent = start_step, False, progress >= 1
       end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
       while step < end_step and not budget_spent:
         batch = sharding.global_batch(next(train_iter), mesh)
-        budget_args = (budget_inputs(progress),) if budget_s else ()
+        budget_args = (budget_inputs(progress),) if budget else ()
         state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step), *budget_args)
         step += 1
         ckpts.check()  # A failed background save stops the run here, not many steps later.
@@ -486,9 +498,9 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
           if bar is not None:
             bar.set_postfix(loss=f'{scalars["loss"]:.3f}', lr=f'{scalars["lr"]:.2e}')
         epoch_end = step % steps_per_epoch == 0
-        if budget_s:
-          progress = _budget_progress(seconds_spent, budget_s, step_metrics)
-        out_of_time = budget_s > 0 and progress >= 1
+        if budget:
+          progress = budget.progress(step_metrics)
+        out_of_time = progress >= 1
         eval_now = ((epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps
                     or out_of_time)
         metrics_for_ckpt = None
@@ -513,7 +525,7 @@ def _train_and_evaluate(config, workdir, preemption, stop_after_steps, devices, 
           writer.flush()  # What the checkpoint covers is stored before it.
           if lock is not None:
             lock.refresh()
-          budget_meta = {BUDGET_SPENT_KEY: seconds_spent()} if budget_s else {}
+          budget_meta = {BUDGET_SPENT_KEY: budget.spent()} if budget else {}
           ckpts.save(step, state, train_iter, dict(meta, eval=last_eval, **budget_meta), metrics_for_ckpt)
         if preempted:
           logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)

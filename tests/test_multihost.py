@@ -2,7 +2,8 @@
 
 Data parallel over the 8 devices and FSDP spanning both processes train what one process with 8
 devices trains; SIGTERM to one of the two processes stops both at the same step with one
-checkpoint, and rerunning resumes bitwise; --mode=eval reads the two-process checkpoint back.
+checkpoint, and rerunning resumes bitwise; --mode=eval reads the two-process checkpoint back; processes
+whose clocks disagree spend one time budget together.
 The launches share one persistent compilation cache: only the first of each program compiles.
 """
 import json
@@ -46,7 +47,7 @@ def _free_port() -> int:
 class Job:
   """`python -m spikingformer_jax.main` as process i of n, for i in range(n), joined through 127.0.0.1."""
 
-  def __init__(self, tmp, name, args, processes=2, devices=4):
+  def __init__(self, tmp, name, args, processes=2, devices=4, entry=('-m', 'spikingformer_jax.main')):
     self.logs = [tmp / f'{name}.{i}.log' for i in range(processes)]
     port = _free_port()
     self.procs = []
@@ -58,7 +59,7 @@ class Job:
         env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes),
                    JAX_PROCESS_ID=str(i))
       with open(log, 'w') as out:
-        self.procs.append(subprocess.Popen([sys.executable, '-m', 'spikingformer_jax.main', *args], cwd=REPO, env=env,
+        self.procs.append(subprocess.Popen([sys.executable, *entry, *args], cwd=REPO, env=env,
                                            stdout=out, stderr=subprocess.STDOUT))
 
   def output(self, i) -> str:
@@ -169,6 +170,40 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes_bit
   for a, b in zip(jax.tree_util.tree_leaves(checkpoint.load_variables(tmp / 'preempted')),
                   jax.tree_util.tree_leaves(checkpoint.load_variables(tmp / 'dp')), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+# train_and_evaluate on a ticking clock: each read advances process i's clock by i + 1 seconds.
+BUDGET_WORKER = """
+import functools, itertools, json, os, sys
+from experiments import digits
+from spikingformer_jax import train
+config = digits.get_config()
+config.update_from_flattened_dict(json.loads(sys.argv[2]))
+clock = functools.partial(next, itertools.count(0, 1 + int(os.environ['JAX_PROCESS_ID'])))
+print('summary', json.dumps(train.train_and_evaluate(config, sys.argv[1], clock=clock)['step']))
+"""
+
+
+def test_processes_whose_clocks_disagree_spend_one_time_budget_together(tmp_path):
+  """Each process reads its own clock; the job anneals and stops by the one that ran furthest (process 1's,
+  twice as fast), in step on both: a process that stopped alone would leave the other in a collective."""
+  budget_s, lr, min_lr = 12, 2e-3, 1e-5
+  overrides = dict(OVERRIDES, **{'total_steps': 10**6, 'time_budget_minutes': budget_s / 60,
+                                 'checkpoint.every_steps': 10**6, 'optim.lr': lr, 'optim.min_lr': min_lr,
+                                 'optim.cooldown_epochs': 0})
+  job = Job(tmp_path, 'budget', [str(tmp_path / 'budget'), json.dumps(overrides)], devices=1,
+            entry=('-c', BUDGET_WORKER))
+  job.run()
+  # The first read starts the budget, one read per step: step k runs at progress 2k / budget on process
+  # 1's clock, and the step after which it reaches 1 is the last.
+  last = budget_s // 2 - 1
+  assert [job.output(i).splitlines()[-1] for i in range(2)] == [f'summary {last}'] * 2
+  lines = [json.loads(l) for l in (tmp_path / 'budget' / 'metrics.jsonl').read_text().splitlines()]
+  logged = [(l['step'], l['lr']) for l in lines if l['split'] == 'train']
+  cosine = lambda p: min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * p))
+  assert [s for s, _ in logged] == list(range(1, last + 1))
+  np.testing.assert_allclose([v for _, v in logged], [cosine(2 * k / budget_s) for k in range(1, last + 1)],
+                             rtol=1e-5)
 
 
 def test_the_job_environment_is_checked_before_joining():

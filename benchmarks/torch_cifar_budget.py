@@ -12,6 +12,9 @@ the start of training (model building included), as `time_budget_minutes` does.
 `--schedule=cosine`: the recipe's cosine from 5e-4 to its min_lr 1e-5, read before each step at the
 fraction of the budget spent (what the JAX trainer does with a time budget); `constant`: 5e-4 throughout.
 
+The script reads the sample and its normalisation itself rather than through spikingformer_jax (paths,
+data.pipeline): the PyTorch process then loads nothing of the JAX stack, and its peak RSS is PyTorch's own.
+
   /tmp/bench-venv/bin/python -m benchmarks.torch_cifar_budget --minutes 10 --schedule cosine
 """
 from __future__ import annotations

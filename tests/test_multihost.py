@@ -79,9 +79,13 @@ class Job:
     assert codes == [0] * len(codes), '\n'.join(self.output(i)[-4000:] for i in range(len(codes)))
 
 
-def _train_losses(workdir) -> dict:
+def _train_rows(workdir) -> list[dict]:
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  losses = [(l['step'], l['loss']) for l in lines if l['split'] == 'train']
+  return [l for l in lines if l['split'] == 'train']
+
+
+def _train_losses(workdir) -> dict:
+  losses = [(l['step'], l['loss']) for l in _train_rows(workdir)]
   assert len(losses) == len(dict(losses)), f'a step logged twice: {losses}'
   return dict(losses)
 
@@ -198,8 +202,7 @@ def test_processes_whose_clocks_disagree_spend_one_time_budget_together(tmp_path
   # 1's clock, and the step after which it reaches 1 is the last.
   last = budget_s // 2 - 1
   assert [job.output(i).splitlines()[-1] for i in range(2)] == [f'summary {last}'] * 2
-  lines = [json.loads(l) for l in (tmp_path / 'budget' / 'metrics.jsonl').read_text().splitlines()]
-  logged = [(l['step'], l['lr']) for l in lines if l['split'] == 'train']
+  logged = [(l['step'], l['lr']) for l in _train_rows(tmp_path / 'budget')]
   cosine = lambda p: min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * p))
   assert [s for s, _ in logged] == list(range(1, last + 1))
   np.testing.assert_allclose([v for _, v in logged], [cosine(2 * k / budget_s) for k in range(1, last + 1)],

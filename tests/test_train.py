@@ -408,7 +408,7 @@ def test_a_budget_step_takes_the_lr_of_the_schedule_where_the_clock_or_the_steps
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   fresh = jax.device_get(train.create_state(ctx, mesh, example, jax.random.PRNGKey(0))[0])
   budget_step = jax.jit(train.make_train_step(ctx))
-  for step, progress, at in ((0, 0.5, 0.5), (15, 0.1, 0.75), (3, 1.0, 1.0)):  # the clock ahead, the steps, the end
+  for step, progress, at in ((0, 0.0, 0.0), (0, 0.5, 0.5), (0, 0.8, 0.8), (15, 0.1, 0.75), (3, 1.0, 1.0)):
     state = dict(fresh, step=np.int32(step))
     new, metrics = budget_step(state, batch, jax.random.PRNGKey(2), train.budget_inputs(progress))
     assert float(metrics['lr']) == pytest.approx(_cosine(at), rel=1e-5), (step, progress)
